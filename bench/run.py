@@ -1,0 +1,281 @@
+"""``make bench``: the gateway against nginx peers, alternately, in one run (issue 6).
+
+    .venv/bin/python -m bench.run              # the full run (~15 min), writes bench/results.*
+    .venv/bin/python -m bench.run --quick      # 1 short repetition, writes bench/work/results.*
+    .venv/bin/python -m bench.run --peers nginx-buffered,nginx-auth --no-profile
+
+Starts redis-server, the sink (bench/sink.py), the auth service (bench/auth_service.py), every
+gateway variant and both nginx peers at once (idle peers cost nothing), checks each with one real
+upload, then loops: for each repetition, for each cell (body size x connections), every peer in
+a rotating order. Medians over repetitions go to the report. Afterwards: refusal latency, py-spy
+profiles of a single gateway worker. Every process is stopped at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import load, peers, probes, profiling, report
+from bench.payloads import CONTENT_TYPE, Body, write_bodies
+from bench.stack import BENCH, Stack
+
+CORE_PEERS = ("gateway-w2", "nginx-buffered", "nginx-auth", "gateway-w1")
+DURATIONS = {"10KB": 4.0, "1MB": 5.0, "20MB": 8.0}
+
+
+@dataclass(frozen=True)
+class Cell:
+    size: str
+    conns: int
+    duration: float
+    peers: tuple[str, ...]
+    reps: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.size}/c{self.conns}"
+
+
+def plan(args: argparse.Namespace, available: set[str]) -> list[Cell]:
+    """Core peers in every cell; pass-through at 16 conns; the access-log variant on 10KB/1MB."""
+    cells = []
+    for size in args.sizes:
+        for conns in args.conns:
+            wanted = list(CORE_PEERS)
+            if conns == 16:
+                wanted.append("gateway-pass-w2")
+            if (size, conns) in (("10KB", 16), ("10KB", 64), ("1MB", 16)):
+                wanted.append("gateway-info-w2")
+            duration = DURATIONS[size] * (1.5 if (size, conns) == ("20MB", 64) else 1.0)
+            chosen = tuple(p for p in wanted if p in available)
+            if chosen:
+                cells.append(Cell(size, conns, duration * args.scale, chosen, args.reps))
+    return cells
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1048576
+    tools = {
+        "nginx": _version(["nginx", "-v"]), "wrk": _version(["wrk", "-v"]).split(" [")[0],
+        "redis": _version(["redis-server", "--version"]).split(" sha")[0],
+        "python": platform.python_version(),
+    }
+    import aiohttp
+    import uvloop
+
+    tools.update(aiohttp=aiohttp.__version__, uvloop=uvloop.__version__)
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem, 1),
+            "kernel": platform.release(),
+            "versions": ", ".join(f"{k} {v}" for k, v in tools.items())}
+
+
+def _version(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].replace("nginx version: ", "") if text else "?"
+
+
+def start_peers(stack: Stack, names: list[str], skipped: dict[str, str]) -> dict[str, peers.Peer]:
+    redis_server = stack.start_redis()
+    sink = stack.start_sink()
+    sink_url = f"http://127.0.0.1:{sink.port}"
+    started: dict[str, peers.Peer] = {}
+    auth_port = 0
+    if "nginx-auth" in names:
+        auth = stack.start_auth_service(redis_server.url, peers.KEY_PREFIX, peers.SIGNING_KEY)
+        auth_port = auth.port
+    for name in names:
+        try:
+            if name in peers.VARIANTS:
+                started[name] = peers.start_gateway(stack, peers.VARIANTS[name],
+                                                    redis_server.url, sink_url)
+            else:
+                started[name] = peers.start_nginx(stack, name, sink.port, auth_port)
+        except RuntimeError as exc:
+            skipped[name] = str(exc)[-600:]
+            print(f"! {name} did not start: {str(exc)[-300:]}", flush=True)
+    return started
+
+
+def check_peers(started: dict[str, peers.Peer], bodies: dict[str, Body], secret: str,
+                skipped: dict[str, str]) -> None:
+    """Drop a peer that cannot move one real upload of each size to the sink intact."""
+    for name, peer in list(started.items()):
+        for body in bodies.values():
+            problem = probes.preflight(peer, body, secret)
+            if problem:
+                skipped[name] = f"preflight {body.label}: {problem}"
+                print(f"! {name}: {skipped[name]}", flush=True)
+                del started[name]
+                break
+
+
+def run_matrix(cells: list[Cell], started: dict[str, peers.Peer], bodies: dict[str, Body],
+               headers_file: Path, rdb: redis.Redis) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    total = sum(len(c.peers) * c.reps for c in cells)
+    for rep in range(max(c.reps for c in cells)):
+        for index, cell in enumerate(cells):
+            if rep >= cell.reps:
+                continue
+            order = [p for p in cell.peers if p in started]
+            shift = (rep + index) % max(len(order), 1)
+            for name in order[shift:] + order[:shift]:
+                result = load.measure(started[name], bodies[cell.size], headers_file, cell.conns,
+                                      cell.duration, rep, rdb)
+                runs.append(result.as_dict())
+                print(f"[{len(runs)}/{total}] rep {rep} {cell.key:10} {name:16} "
+                      f"{result.rps:10,.1f} r/s {result.mib_per_s:9,.1f} MiB/s "
+                      f"p99 {result.latency_ms.get('p99', 0):8.1f} ms "
+                      f"{result.errors or ''} {result.note}", flush=True)
+                load.settle()
+    return runs
+
+
+def run_profiles(started: dict[str, peers.Peer], bodies: dict[str, Body], headers_file: Path,
+                 rdb: redis.Redis, work: Path, seconds: float) -> dict[str, Any]:
+    peer = started.get("gateway-w1")
+    if peer is None or profiling.py_spy() is None:
+        return {}
+    out = {}
+    for size, conns in (("1MB", 16), ("10KB", 64)):
+        raw = work / f"profile-{size}-c{conns}.txt"
+
+        def wrk_run(size: str = size, conns: int = conns) -> dict[str, Any]:
+            return load.measure(peer, bodies[size], headers_file, conns, seconds + 1, 0,
+                                rdb).as_dict()
+
+        summary = profiling.profile_during(peer.proc.popen.pid, seconds, raw, wrk_run)
+        summary["expected_samples"] = int(seconds * 200)
+        out[f"gateway-w1 {size}/c{conns}"] = summary
+        (work / f"profile-{size}-c{conns}.md").write_text(
+            profiling.render(f"gateway-w1 {size}/c{conns}", summary))
+        print(f"profiled gateway-w1 {size}/c{conns}: {summary['samples']} samples", flush=True)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="upload-gateway vs nginx benchmark (issue 6)")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, short runs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's duration")
+    parser.add_argument("--peers", default=",".join([*CORE_PEERS, "gateway-pass-w2",
+                                                     "gateway-info-w2"]))
+    parser.add_argument("--sizes", default="10KB,1MB,20MB")
+    parser.add_argument("--conns", default="1,16,64")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument("--refusals", type=int, default=300, help="probes per peer")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/ (--quick: bench/work/)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.scale, args.refusals = 1, args.scale * 0.5, 200
+        args.profile_seconds = min(args.profile_seconds, 4.0)
+    args.peers = [p for p in args.peers.split(",") if p]
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.conns = [int(c) for c in args.conns.split(",") if c]
+    args.out = args.out or (BENCH / "work" if args.quick else BENCH)
+    return args
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    began = time.monotonic()
+    work = BENCH / "work"
+    work.mkdir(exist_ok=True)
+    stack = Stack(work)
+    skipped: dict[str, str] = {}
+    try:
+        started = start_peers(stack, args.peers, skipped)
+        assert stack.redis is not None
+        rdb = redis.Redis(port=stack.redis.port)
+        bodies = write_bodies(work)
+        keys_config = work / "keys.yaml"
+        keys_config.write_text(json.dumps(peers.gateway_config(
+            peers.VARIANTS["gateway-w2"], stack.redis.url, "http://127.0.0.1:9", work)))
+        secret = peers.issue_secret(str(keys_config))
+        headers_file = work / "headers.txt"
+        headers_file.write_text(f"Content-Type: {CONTENT_TYPE}\nAuthorization: Bearer {secret}\n")
+        check_peers(started, bodies, secret, skipped)
+        cells = plan(args, set(started))
+        print(f"running {sum(len(c.peers) * c.reps for c in cells)} runs, about "
+              f"{sum(len(c.peers) * c.reps * (c.duration + 1.2) for c in cells) / 60:.0f} min "
+              f"(+ warm-up, refusals, profiles)", flush=True)
+        for peer in started.values():  # warm-up, not recorded
+            load.wrk(peer.url, bodies["10KB"], headers_file, 16, 1.0)
+        runs = run_matrix(cells, started, bodies, headers_file, rdb)
+        refusal = [probes.refusal_latency(p, secret, args.refusals) for p in started.values()]
+        profiles = ({} if args.no_profile else
+                    run_profiles(started, bodies, headers_file, rdb, work, args.profile_seconds))
+        result = _result(args, began, cells, started, skipped, runs, refusal, profiles)
+        report.write(result, args.out)
+        print(f"wrote {args.out / 'results.md'} and results.json", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process", file=sys.stderr)
+        return 130
+    finally:
+        stack.close()
+
+
+def _result(args: argparse.Namespace, began: float, cells: list[Cell],
+            started: dict[str, peers.Peer], skipped: dict[str, str], runs: list[dict[str, Any]],
+            refusal: list[dict[str, Any]], profiles: dict[str, Any]) -> dict[str, Any]:
+    med = report.medians(runs)
+    reps = sorted({c.reps for c in cells})
+    notes = [
+        f"repetitions per cell: {reps}; durations per run: "
+        + ", ".join(sorted({f'{c.key} {c.duration:g}s' for c in cells})),
+        "wrk -t2 (-t1 at 1 connection), keep-alive, bench/upload.lua: multipart body with a "
+        "`data` part ({\"IsManager\": true}) and a `file` part holding a real PNG padded to "
+        "10,240 / 1,048,576 / 20,000,000 bytes; agent Secret (HS256, claim role=agent)",
+        "peers run alternately (rotating order per cell and repetition), medians reported; "
+        "non-2xx responses are not counted as throughput",
+        "every peer was checked first with one upload per size: 200 and the sink read every byte",
+        "sink: bench/sink.py, raw asyncio protocol on uvloop, 2 processes (SO_REUSEPORT)",
+        "auth service: bench/auth_service.py, aiohttp + PyJWT + one Redis ZSCORE, 2 processes, "
+        "no cache",
+        "gateway spool.memory_threshold 1MiB: 1 MB and 20 MB bodies are spooled to an "
+        "AES-256-GCM encrypted file, 10 KB bodies stay in memory; log_level WARNING except "
+        "gateway-info-w2",
+        f"refusal probe: {args.refusals} fresh connections per peer, time from sending the "
+        "headers to the status line",
+    ]
+    return {
+        "command": "make bench" if sys.argv[1:] == [] else "python -m bench.run " + " ".join(sys.argv[1:]),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "elapsed_s": round(time.monotonic() - began, 1),
+        "machine": machine(),
+        "peers": {name: p.description for name, p in started.items()},
+        "skipped": skipped,
+        "cells": [c.key for c in cells],
+        "notes": notes,
+        "medians": med,
+        "targets": report.targets(med, refusal),
+        "refusal": refusal,
+        "profiles": profiles,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

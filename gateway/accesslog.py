@@ -1,0 +1,51 @@
+"""One JSON line per request (SPEC §6): who, what, how big, how it ended, how long it took.
+
+Built from a :class:`RequestRecord` that the handler fills as the request moves along, so no
+stage needs to know about logging. Never holds a Secret or an API key: only the client id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LOGGER = logging.getLogger("upload_gateway.access")
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    remote: str
+    started: float = field(default_factory=time.monotonic)
+    route: str = "proxy"
+    client_id: str | None = None
+    channel: str | None = None
+    role: str | None = None
+    sniffed_types: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    status: int = 0
+    reason: str | None = None
+    would_reject: str | None = None
+    backend_ms: float | None = None
+    duration_ms: float = 0.0
+
+    def finish(self, status: int) -> None:
+        self.status = status
+        self.duration_ms = round((time.monotonic() - self.started) * 1000, 3)
+
+    def as_json(self) -> str:
+        data: dict[str, Any] = asdict(self)
+        data.pop("started")
+        data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return json.dumps({k: v for k, v in data.items() if v not in (None, [])})
+
+
+def log_request(record: RequestRecord) -> None:
+    if LOGGER.isEnabledFor(logging.INFO):
+        LOGGER.info(record.as_json())

@@ -1,0 +1,142 @@
+"""In-process cache of "active" verdicts, and the listener that drops them on revocation.
+
+Why it is safe to cache at all: a verdict lives at most ``auth.cache_ttl`` and never past the key's
+own expiry; a revocation (or rotation) published on ``{prefix}:revocations`` drops it on every
+replica at once. The cache is only trusted while the revocation subscription is up: when the
+pub/sub connection drops we may miss a revocation, so the cache is cleared and stays disabled
+(every request asks Redis) until the subscription is re-established. Negative verdicts are never
+cached, so a freshly added key works at once.
+
+A lookup that started before a revocation must not cache its (now stale) "active" answer after the
+revocation was processed: every drop or clear bumps a generation counter, and :meth:`put` refuses a
+verdict whose lookup began in an older generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.auth.keystore import KeyRecord
+
+log = logging.getLogger(__name__)
+MAX_ENTRIES = 100_000
+MAX_RETRY_DELAY = 2.0
+SILENCE_LIMIT = 3.0  # seconds without any message or PONG before the subscription is re-made
+
+
+class VerdictCache:
+    """digest -> (record, monotonic deadline). Bounded; oldest entries go first."""
+
+    def __init__(self, ttl: float, max_entries: int = MAX_ENTRIES) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.enabled = False  # True only while the revocation subscription is up
+        self.generation = 0
+        self._entries: OrderedDict[str, tuple[KeyRecord, float]] = OrderedDict()
+
+    def get(self, digest_hex: str) -> KeyRecord | None:
+        if not self.enabled:
+            return None
+        entry = self._entries.get(digest_hex)
+        if entry is None:
+            return None
+        record, deadline = entry
+        if time.monotonic() >= deadline:
+            del self._entries[digest_hex]
+            return None
+        return record
+
+    def put(self, digest_hex: str, record: KeyRecord, generation: int) -> None:
+        """Cache an active verdict seen by a lookup that began at ``generation``."""
+        if not self.enabled or generation != self.generation or self.ttl <= 0:
+            return
+        lifetime = min(self.ttl, record.expires - time.time())
+        if lifetime <= 0:
+            return
+        self._entries[digest_hex] = (record, time.monotonic() + lifetime)
+        self._entries.move_to_end(digest_hex)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def drop(self, digest_hex: str) -> None:
+        self.generation += 1
+        self._entries.pop(digest_hex, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RevocationListener:
+    """Subscribes to the revocation channel for as long as it runs, reconnecting forever."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        channel: str,
+        cache: VerdictCache,
+        on_error: Callable[[], None] | None = None,
+        retry_delay: float = 0.2,
+    ) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._cache = cache
+        self._on_error = on_error
+        self._retry_delay = retry_delay
+        self.subscribed = asyncio.Event()  # for tests and readiness checks
+
+    async def run(self) -> None:
+        delay = self._retry_delay
+        while True:
+            try:
+                await self._listen_once()
+            except (RedisError, OSError) as exc:
+                log.warning("revocation subscription lost: %s", type(exc).__name__)
+                if self._on_error is not None:
+                    self._on_error()
+            finally:
+                self._cache.enabled = False
+                self._cache.clear()
+                if self.subscribed.is_set():  # it had worked: retry quickly, then back off
+                    delay = self._retry_delay
+                self.subscribed.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+
+    async def _listen_once(self) -> None:
+        pubsub = self._redis.pubsub()
+        try:
+            await pubsub.subscribe(self._channel)
+            # Only now can no revocation slip by: anything cached before may be stale.
+            self._cache.clear()
+            self._cache.enabled = True
+            self.subscribed.set()
+            heard = time.monotonic()
+            while True:
+                # A bounded wait returns None on silence without dropping the connection; a PING
+                # on silence, and giving up when even that gets no answer, notices a half-open
+                # socket (server gone without a RST) within seconds instead of never.
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    if time.monotonic() - heard > SILENCE_LIMIT:
+                        raise ConnectionError("no answer to PING on the revocation subscription")
+                    await pubsub.ping()
+                    continue
+                heard = time.monotonic()
+                if message.get("type") == "message":
+                    data = message["data"]
+                    self._cache.drop(data.decode() if isinstance(data, bytes) else str(data))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

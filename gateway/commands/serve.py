@@ -1,0 +1,20 @@
+"""``upload-gateway serve --config FILE [--workers N]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from gateway.commands import add_config_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the proxy")
+    add_config_argument(p)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    return serve(args.config, args.workers)

@@ -1,0 +1,30 @@
+"""CORS for the gateway's own responses (SPEC §5).
+
+A browser that gets a 413 without ``Access-Control-Allow-Origin`` reports a CORS failure and hides
+the real answer from the chat widget; so every problem+json we make carries the headers when the
+request's Origin is allowed. Preflights are not ours to answer: they go to the backend unchanged
+(without a Secret, since browsers never send one on a preflight, SPEC §3).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config.model import CorsConfig
+
+EXPOSED = "X-Request-Id, Retry-After, WWW-Authenticate"
+
+
+def is_preflight(request: web.Request) -> bool:
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+
+
+def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: CorsConfig) -> None:
+    """Allow the browser to read a response the gateway made itself, for allowed origins only."""
+    origin = request.headers.get("Origin")
+    if not origin or not (origin in cors.allowed_origins or "*" in cors.allowed_origins):
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Allow-Credentials"] = "true"
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED
+    response.headers.add("Vary", "Origin")

@@ -1,0 +1,225 @@
+"""The request path, top to bottom (SPEC §1).
+
+    authenticate → (policy query | pass-through | upload: precheck → inspect+spool) → forward
+
+Every refusal is a :class:`GatewayError` raised by a stage and rendered here, once. Anything
+else that escapes a stage is a bug: it becomes a 500 and is logged — never a request let through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.accesslog import RequestRecord, log_request
+from gateway.auth.authenticator import Identity
+from gateway.body import BodyStream
+from gateway.config.model import Config
+from gateway.cors import add_cors_headers, is_preflight
+from gateway.errors import GatewayError, problem_response
+from gateway.forward import ForwardResult
+from gateway.headers import end_to_end, forwarded_for, request_id
+from gateway.inspect.upload import inspect_upload, precheck_upload
+from gateway.policy.query import POLICY_PREFIX, policy_response
+from gateway.policy.routes import UploadTarget, match_upload
+from gateway.state import STATE, GatewayState
+
+LOGGER = logging.getLogger("upload_gateway")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Serve one request; the config is read once here so a reload never changes it midway."""
+    state = request.app[STATE]
+    config = state.config.current
+    record = RequestRecord(
+        request_id=request_id(request.headers),
+        method=request.method,
+        path=request.path,
+        remote=request.remote or "",
+    )
+    response: web.StreamResponse | None = None
+    try:
+        response = await _serve(request, state, config, record)
+    except GatewayError as error:
+        response = _refuse(request, state, config, record, error)
+    except (ConnectionError, asyncio.CancelledError):
+        record.reason = "client_closed"
+        record.finish(499)  # nginx's "client closed request"
+        raise
+    except Exception:
+        LOGGER.exception("unexpected error, request %s refused", record.request_id)
+        error = GatewayError("internal_error", "an unexpected error occurred; it was logged")
+        response = _refuse(request, state, config, record, error)
+    finally:
+        _account(state, record, response)
+    return response
+
+
+async def _serve(
+    request: web.Request, state: GatewayState, config: Config, record: RequestRecord
+) -> web.StreamResponse:
+    if is_preflight(request):
+        return await _forward(request, state, config, record, identity=None, body=_body(request, config))
+    identity = await state.auth.authenticate(request.headers, request.remote or "")
+    record.client_id = identity.client_id
+    if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
+        return policy_response(request, config, identity.claims, record.request_id)
+    target = match_upload(config, request.method, request.raw_path)
+    if target is None:
+        await _send_continue(request)
+        return await _forward(request, state, config, record, identity, _body(request, config))
+    return await _upload(request, state, config, record, identity, target)
+
+
+async def _upload(
+    request: web.Request,
+    state: GatewayState,
+    config: Config,
+    record: RequestRecord,
+    identity: Identity,
+    target: UploadTarget,
+) -> web.StreamResponse:
+    """Inspect and spool the whole body; only a body that passed every check is forwarded."""
+    record.route, record.channel = target.route, target.channel
+    precheck_upload(request.headers, target, identity.claims, config)
+    await _send_continue(request)
+    body = BodyStream(request.content, config.server.body_timeout)
+    state.metrics.inflight_uploads.inc()
+    try:
+        upload = await inspect_upload(
+            body, request.headers, target, identity.claims, config, state.spool_budget, state.metrics
+        )
+    finally:
+        record.bytes_in = body.received
+        state.metrics.inflight_uploads.dec()
+    try:
+        record.role = upload.role
+        record.sniffed_types = [f.sniffed_type for f in upload.files]
+        record.would_reject = upload.would_reject
+        state.metrics.inflight_uploads.inc()
+        return await _forward(
+            request, state, config, record, identity, upload.chunks(), upload.content_length
+        )
+    finally:
+        state.metrics.inflight_uploads.dec()
+        await upload.aclose()
+
+
+async def _forward(
+    request: web.Request,
+    state: GatewayState,
+    config: Config,
+    record: RequestRecord,
+    identity: Identity | None,
+    body: BodyStream | AsyncIterable[bytes] | None,
+    content_length: int | None = None,
+) -> web.StreamResponse:
+    headers = _backend_headers(request, record.request_id, identity)
+    if content_length is None and request.content_length is not None:
+        content_length = request.content_length
+    if content_length is not None:
+        headers["Content-Length"] = str(content_length)
+    counted = _CountedBody(body) if body is not None else None
+    result = ForwardResult()
+    try:
+        return await state.forwarder.forward(request, headers, counted, record.route, result)
+    except GatewayError:
+        if isinstance(body, BodyStream) and body.error is not None:
+            raise body.error from None  # the client's fault, not the backend's
+        raise
+    finally:
+        record.bytes_out = counted.sent if counted is not None else 0
+        if isinstance(body, BodyStream):
+            record.bytes_in = body.received
+        record.backend_ms = round(result.backend_seconds * 1000, 3)
+        state.metrics.forwarded_bytes.labels(route=record.route).inc(record.bytes_out)
+
+
+class _CountedBody:
+    """Counts what actually went to the backend (forwarded-bytes metric, access log)."""
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self._body = body
+        self.sent = 0
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        async for chunk in self._body:
+            self.sent += len(chunk)
+            yield chunk
+
+
+def _body(request: web.Request, config: Config) -> BodyStream | None:
+    if not request.body_exists:
+        return None
+    return BodyStream(request.content, config.server.body_timeout)
+
+
+def _backend_headers(
+    request: web.Request, rid: str, identity: Identity | None
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
+    headers = end_to_end(request.headers, drop=("content-length", "expect", "host"))
+    for name in [k for k in headers if k.lower().startswith("x-gateway-")]:
+        del headers[name]  # never let a client assert what only the gateway may say
+    headers["X-Request-Id"] = rid
+    headers["X-Forwarded-For"] = forwarded_for(
+        request.headers.get("X-Forwarded-For"), request.remote or ""
+    )
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.headers.get("Host", "")
+    if identity is not None:
+        headers["X-Gateway-Client-Id"] = identity.client_id
+    return headers
+
+
+async def _send_continue(request: web.Request) -> None:
+    """``100 Continue`` only once the request passed every check that needs no body."""
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(CONTINUE)
+
+
+def _refuse(
+    request: web.Request,
+    state: GatewayState,
+    config: Config,
+    record: RequestRecord,
+    error: GatewayError,
+) -> web.Response:
+    record.reason = error.code
+    response = problem_response(error, record.request_id)
+    add_cors_headers(response, request, config.cors)
+    state.metrics.rejections.labels(reason=error.code, channel=record.channel or "").inc()
+    if record.bytes_in:
+        state.metrics.rejected_received_bytes.inc(record.bytes_in)
+    return response
+
+
+def _account(
+    state: GatewayState, record: RequestRecord, response: web.StreamResponse | None
+) -> None:
+    if response is not None:
+        record.finish(response.status)
+    metrics = state.metrics
+    method = record.method if record.method in KNOWN_METHODS else "OTHER"
+    metrics.requests.labels(route=record.route, method=method, status=str(record.status)).inc()
+    metrics.request_duration.labels(route=record.route).observe(record.duration_ms / 1000)
+    metrics.received_bytes.labels(route=record.route).inc(record.bytes_in)
+    if record.channel is not None:
+        role = record.role or "unknown"
+        metrics.uploads.labels(channel=record.channel, role=role, outcome=_outcome(record)).inc()
+    log_request(record)
+
+
+def _outcome(record: RequestRecord) -> str:
+    """accepted | reported (report mode let it pass) | rejected | failed | backend_refused."""
+    if record.reason is None:
+        if record.status >= 400:
+            return "backend_refused"
+        return "reported" if record.would_reject else "accepted"
+    return "rejected" if record.status < 500 else "failed"

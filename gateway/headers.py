@@ -1,0 +1,60 @@
+"""Which headers cross the proxy, in each direction (RFC 9110 §7.6.1), and the ones we add.
+
+Hop-by-hop headers describe one connection, not the message: forwarding them would let a client
+steer the gateway's connection to the backend (``Connection: close``, ``Upgrade``) or smuggle
+framing (``Transfer-Encoding``). Framing headers are recomputed by aiohttp for the next hop.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed for the next hop from the body we actually send.
+FRAMING = frozenset({"content-length", "transfer-encoding", "expect"})
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in ``Connection``: hop-by-hop for this message only."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """Copy of ``headers`` without hop-by-hop ones; repeated headers keep order and count."""
+    skip = HOP_BY_HOP | connection_tokens(headers) | {d.lower() for d in drop}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str:
+    """The client's ``X-Request-Id`` when it is sane (so traces join up), else a fresh one."""
+    given = headers.get("X-Request-Id", "")
+    if _SANE_REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def forwarded_for(existing: str | None, peer: str) -> str:
+    """Append the peer to any ``X-Forwarded-For`` chain, as nginx's ``$proxy_add_x_forwarded_for``."""
+    return f"{existing}, {peer}" if existing else peer

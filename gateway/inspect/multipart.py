@@ -1,0 +1,214 @@
+"""Streaming ``multipart/form-data`` inspection with python-multipart's callback parser.
+
+The parser only *reads a copy* of the body: the raw chunks go to the spool untouched, so what the
+backend receives is byte-for-byte what the client sent, whatever this module thinks of it. For
+each part it keeps only what the rules need: headers, a byte count, the first ``sniff_bytes`` of
+a file and the (small) role field; never a whole part.
+
+Every bound an attacker could stretch is enforced here (SPEC §5 ``malformed_request``): bytes
+before the first boundary, headers per part (python-multipart: 8 headers of at most ~4 KiB),
+the number of non-file fields, the size of the role field, and a body that ends before its
+closing boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from gateway.errors import GatewayError
+
+MAX_PREAMBLE = 1024
+MAX_FIELDS = 256
+MAX_ROLE_FIELD = 64 * 1024
+_IDENTITY_TRANSFER = ("", "7bit", "8bit", "binary")
+
+
+def malformed(detail: str) -> GatewayError:
+    return GatewayError("malformed_request", detail)
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` Content-Type, or 400."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not boundary or len(boundary) > 70:
+        raise malformed("multipart/form-data without a valid boundary (RFC 2046: 1-70 chars)")
+    return boundary
+
+
+@dataclass
+class Part:
+    """One part as far as it has been read."""
+
+    index: int
+    name: str | None
+    filename: str | None
+    content_type: str | None
+    is_file: bool
+    size: int = 0
+    head: bytearray = field(default_factory=bytearray)  # first sniff_bytes of a file
+    value: bytearray | None = None  # the role field's value, kept whole (bounded)
+    ended: bool = False
+    sniffed: str | None = None  # set by the upload stage
+    judged: bool = False  # set by the upload stage once its type was checked
+
+    @property
+    def ignored(self) -> bool:
+        """A browser's empty file input (no name, no bytes) is not a file."""
+        return self.ended and self.is_file and not self.filename and self.size == 0
+
+
+def _decode(raw: bytes) -> str:
+    """Header values: UTF-8 as browsers send it, latin-1 when that fails (never an error)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _disposition(value: str) -> tuple[str | None, str | None, bool]:
+    """``(name, filename, is_file)`` from Content-Disposition; ``filename*`` counts as a name.
+
+    python-multipart ignores ``filename*`` (RFC 7578 forbids it), but backends honour it, so a
+    part carrying only ``filename*`` is still a file and must be inspected as one.
+    """
+    kind, options = parse_options_header(value.encode("utf-8").decode("latin-1"))
+    if kind != b"form-data":
+        raise malformed("a part without Content-Disposition: form-data")
+    name = options.get(b"name")
+    filename = options.get(b"filename")
+    extended: str | None = None
+    for segment in value.split(";")[1:]:
+        key, _, raw = segment.strip().partition("=")
+        if key.strip().lower() == "filename*":
+            extended = unquote(raw.strip().strip('"').split("''", 1)[-1])
+    text_name = _decode(name) if name is not None else None
+    text_filename: str | None = _decode(filename) if filename is not None else extended
+    return text_name, text_filename, text_filename is not None
+
+
+class MultipartInspector:
+    """Feed it raw chunks; it reports the parts each chunk touched."""
+
+    def __init__(self, boundary: bytes, sniff_bytes: int, role_field: str | None) -> None:
+        self._sniff_bytes = sniff_bytes
+        self._role_field = role_field
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_end": self._on_end,
+        })
+        self.files: list[Part] = []
+        self.role_value: bytes | None = None
+        self.fields = 0
+        self.complete = False
+        self._fed = 0
+        self._started = False
+        self._headers: list[tuple[str, str]] = []
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._current: Part | None = None
+        self._touched: dict[int, Part] = {}
+
+    # -- the parser's callbacks: record, never await ------------------------------------------
+
+    def _on_part_begin(self) -> None:
+        self._started = True
+        self._headers = []
+        self._current = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        name = bytes(self._header_name).decode("latin-1").strip().lower()
+        self._headers.append((name, _decode(bytes(self._header_value)).strip()))
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        headers: dict[str, str] = {}
+        for header, value in self._headers:
+            if header in headers and header in ("content-disposition", "content-type"):
+                raise malformed(f"a part with two {header} headers")
+            headers[header] = value
+        if "content-disposition" not in headers:
+            raise malformed("a part without Content-Disposition")
+        encoding = headers.get("content-transfer-encoding", "").lower()
+        if encoding not in _IDENTITY_TRANSFER:
+            raise malformed(f"Content-Transfer-Encoding {encoding} in form-data (RFC 7578 §4.7)")
+        name, filename, is_file = _disposition(headers["content-disposition"])
+        part = Part(len(self.files), name, filename, headers.get("content-type"), is_file)
+        if is_file:
+            self.files.append(part)
+            self._touched[id(part)] = part
+        else:
+            self.fields += 1
+            if self.fields > MAX_FIELDS:
+                raise malformed(f"more than {MAX_FIELDS} form fields")
+            if name is not None and name == self._role_field:
+                part.value = bytearray()
+        self._current = part
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current
+        if part is None:
+            return
+        part.size += end - start
+        if part.is_file:
+            room = self._sniff_bytes - len(part.head)
+            if room > 0:
+                part.head += data[start:min(end, start + room)]
+            self._touched[id(part)] = part
+        elif part.value is not None:
+            if part.size > MAX_ROLE_FIELD:
+                raise malformed(f"form field {part.name!r} is over {MAX_ROLE_FIELD} bytes")
+            part.value += data[start:end]
+
+    def _on_part_end(self) -> None:
+        part = self._current
+        if part is not None:
+            part.ended = True
+            if part.is_file:
+                self._touched[id(part)] = part
+            elif part.value is not None and self.role_value is None:
+                self.role_value = bytes(part.value)
+        self._current = None
+
+    def _on_end(self) -> None:
+        self.complete = True
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> list[Part]:
+        """Parse ``chunk``; the file parts that began, grew or ended in it, in order."""
+        self._touched = {}
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise malformed(f"bad multipart framing: {exc}") from None
+        self._fed += len(chunk)
+        if not self._started and self._fed > MAX_PREAMBLE:
+            raise malformed(f"no multipart boundary in the first {MAX_PREAMBLE} bytes")
+        return list(self._touched.values())
+
+    def finish(self) -> None:
+        """At the end of the body: it must have closed with the final boundary."""
+        if not self.complete:
+            raise malformed("the body ended before the closing multipart boundary")
+
+    @property
+    def file_count(self) -> int:
+        return sum(1 for part in self.files if not part.ignored)

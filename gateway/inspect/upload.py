@@ -1,0 +1,365 @@
+"""The upload stage: read the body once, spool it, and refuse it the moment a rule is broken.
+
+Each raw chunk is counted against the request limit, parsed by a *copy* of the stream
+(``multipart.py``; a non-multipart body is one file) and only then appended to the spool, so the
+bytes that reach the backend are exactly the bytes received, and a chunk that crossed a limit is
+the last one read (SPEC §4: "cut off as soon as the count crosses"). Per file: its size is
+checked as it grows, its first ``uploads.sniff_bytes`` are sniffed once they are in, and the type
+rules run as soon as the role is known. If the role comes from the multipart ``data`` field and
+that field follows the files, role-dependent verdicts wait for it (or the end of the body), but
+a file over every role's limit, or over the system cap, is refused at once.
+
+``mode: report`` (global or per channel) waives the channel's media settings only: such refusals
+are logged and counted in ``report_mode_would_reject_total`` and the upload passes. The system's
+limits (``limits.*``: the 20 MB cap, ``max_request_size``, ``max_files``), malformed bodies,
+content codings and a full spool are enforced in both modes (``rules.enforced``).
+
+``Content-Encoding`` other than ``identity`` is refused with 415: limits must hold on what the
+file really is (no gzip bombs) and the backend must receive what the client sent, and inflating
+to inspect then forwarding the coded bytes would inspect one thing and deliver another.
+
+On *any* exit by exception, cancellation included, the spool is closed before the exception
+propagates, and the spool file never had a name on disk to begin with (``spool.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import StreamReader
+from python_multipart.multipart import parse_options_header
+
+from gateway.config.model import Config, Mode, Role
+from gateway.errors import GatewayError
+from gateway.inspect.counter import ByteCounter
+from gateway.inspect.multipart import MultipartInspector, Part, boundary_of, malformed
+from gateway.inspect.sniffer import Sniffer, default_sniffer
+from gateway.metrics import Metrics
+from gateway.policy import rules
+from gateway.policy.role import ROLES, role_from_claims, role_from_form, waits_for_form
+from gateway.policy.routes import UploadTarget
+from gateway.spool import Spool, SpoolBudget
+
+log = logging.getLogger("gateway.inspect")
+Body = StreamReader | AsyncIterable[bytes]
+
+
+class InspectedUpload:
+    """An accepted body, spooled, ready to be forwarded unchanged."""
+
+    def __init__(self, spool: Spool, files: list[rules.FileVerdict], role: Role,
+                 reported: list[GatewayError]) -> None:
+        self._spool = spool
+        self.files = files
+        self.role = role
+        self.reported = reported  # what mode: report let through
+        self.would_reject: str | None = reported[0].code if reported else None
+
+    @property
+    def content_length(self) -> int:
+        return self._spool.size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The exact bytes as received (decrypted from the spool file if it spilled)."""
+        async for chunk in self._spool.chunks():
+            yield chunk
+
+    async def aclose(self) -> None:
+        """Releases the spool; idempotent."""
+        await self._spool.aclose()
+
+    async def __aenter__(self) -> InspectedUpload:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+
+def _encoding_error(headers: Mapping[str, str]) -> GatewayError | None:
+    coding = headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    return GatewayError(
+        "type_not_allowed",
+        f"uploads must not be sent with Content-Encoding {coding}: send the file as it is",
+        headers={"Accept-Encoding": "identity"}, content_encoding=coding,
+    )
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise malformed(f"Content-Length {value!r} is not a number")
+    return int(value)
+
+
+def _is_multipart(headers: Mapping[str, str]) -> bool:
+    kind, _ = parse_options_header(headers.get("Content-Type", ""))
+    return bool(kind == b"multipart/form-data")
+
+
+def _mode(config: Config, target: UploadTarget) -> Mode:
+    return config.channels.get(target.channel, config.channels["default"]).mode or config.mode
+
+
+def request_too_large(config: Config, target: UploadTarget, role: Role | None) -> GatewayError:
+    limit = config.limits.max_request_size
+    return GatewayError(
+        "request_too_large",
+        f"the request is larger than {limit} bytes, the most the gateway accepts in one upload "
+        "(set by limits.max_request_size)",
+        limit_bytes=limit, limit_source="limits.max_request_size", channel=target.channel,
+        role=role, maxFileSizeAllow=rules.megabytes(limit),
+    )
+
+
+def precheck_upload(
+    headers: Mapping[str, str], target: UploadTarget, claims: Mapping[str, Any], config: Config
+) -> None:
+    """Refuse before reading the body what the headers already prove (and only enforced rules:
+    what ``mode: report`` waives is left for :func:`inspect_upload` to count, exactly once)."""
+    mode = _mode(config, target)
+    error = _encoding_error(headers)
+    if error is not None:
+        raise error
+    length = _content_length(headers)
+    role = role_from_claims(config, claims)
+    if length is not None and length > config.limits.max_request_size:
+        raise request_too_large(config, target, role)
+    multipart = _is_multipart(headers)
+    if waits_for_form(config, claims, multipart):
+        policies = [rules.effective_policy(config, target.channel, r) for r in ROLES]
+        if not any(p.enabled for p in policies) and mode == "enforce":
+            default = config.uploads.role.default
+            raise rules.disabled_error(policies[ROLES.index(default)])
+        return
+    policy = rules.effective_policy(config, target.channel, role or config.uploads.role.default)
+    if not policy.enabled and mode == "enforce":
+        raise rules.disabled_error(policy)
+    if not multipart and length is not None:
+        limit = policy.max_file_size if mode == "enforce" else policy.system_cap
+        if length > limit:
+            raise rules.file_too_large(policy if mode == "enforce" else rules.capped(policy),
+                                       _raw_filename(headers, target))
+
+
+def _raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
+    """A raw body's name: Content-Disposition ``filename``, else a trailing URL placeholder."""
+    _, options = parse_options_header(headers.get("Content-Disposition", ""))
+    name = options.get(b"filename")
+    if name:
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            return name.decode("latin-1")
+    return target.url_filename
+
+
+class _Inspection:
+    """The state of one upload's inspection; :meth:`feed` each chunk, then :meth:`finish`."""
+
+    def __init__(self, headers: Mapping[str, str], target: UploadTarget,
+                 claims: Mapping[str, Any], config: Config, sniffer: Sniffer,
+                 metrics: Metrics | None) -> None:
+        self.config, self.target, self.sniffer, self.metrics = config, target, sniffer, metrics
+        self.mode = _mode(config, target)
+        self.sniff_bytes = config.uploads.sniff_bytes
+        self.request = ByteCounter(config.limits.max_request_size)
+        self.reported: list[GatewayError] = []
+        self.reasons: dict[int, str] = {}  # part index -> first refusal, for the verdicts
+        self._seen: set[tuple[int, str]] = set()
+        self.inspector: MultipartInspector | None = None
+        self.raw: Part | None = None
+        multipart = _is_multipart(headers)
+        self.role: Role | None = role_from_claims(config, claims)
+        if self.role is None and not waits_for_form(config, claims, multipart):
+            self.role = config.uploads.role.default
+        if multipart:
+            form = config.uploads.role.from_form
+            self.inspector = MultipartInspector(
+                boundary_of(headers.get("Content-Type", "")), self.sniff_bytes,
+                form.field if form is not None else None,
+            )
+        else:
+            self.raw = Part(0, None, _raw_filename(headers, target),
+                            headers.get("Content-Type"), is_file=True)
+
+    @property
+    def files(self) -> list[Part]:
+        if self.inspector is not None:
+            return [part for part in self.inspector.files if not part.ignored]
+        return [self.raw] if self.raw is not None else []
+
+    def policy(self, role: Role) -> rules.EffectivePolicy:
+        return rules.effective_policy(self.config, self.target.channel, role)
+
+    def handle(self, error: GatewayError | None, index: int = -1) -> None:
+        """Raise ``error``, or, when ``mode: report`` waives it, count and log it once."""
+        if error is None:
+            return
+        self.reasons.setdefault(index, error.code)
+        if rules.enforced(error, self.mode):
+            raise error
+        if (index, error.code) in self._seen:
+            return
+        self._seen.add((index, error.code))
+        self.reported.append(error)
+        if self.metrics is not None:
+            self.metrics.would_reject.labels(error.code, self.target.channel).inc()
+        log.warning("mode report: would refuse %s on channel %s: %s",
+                    error.code, self.target.channel, error.detail)
+
+    def start(self) -> None:
+        if self.role is not None:
+            self._check_enabled(self.role)
+        elif not any(self.policy(role).enabled for role in ROLES):
+            self.handle(rules.disabled_error(self.policy(self.config.uploads.role.default)))
+
+    def _check_enabled(self, role: Role) -> None:
+        policy = self.policy(role)
+        if not policy.enabled:
+            self.handle(rules.disabled_error(policy))
+
+    async def feed(self, chunk: bytes) -> None:
+        if self.request.add(len(chunk)):
+            self.handle(request_too_large(self.config, self.target, self.role))
+        if self.inspector is None:
+            assert self.raw is not None
+            self._grow_raw(chunk)
+            touched = [self.raw]
+        else:
+            touched = self.inspector.feed(chunk)
+            if self.inspector.file_count > self.config.limits.max_files:
+                self.handle(self._too_many_files())
+        for part in touched:
+            await self._check_part(part)
+        if self.role is None and self.inspector and self.inspector.role_value is not None:
+            await self._role_known(self._form_role())
+
+    def _grow_raw(self, chunk: bytes) -> None:
+        assert self.raw is not None
+        self.raw.size += len(chunk)
+        room = self.sniff_bytes - len(self.raw.head)
+        if room > 0:
+            self.raw.head += chunk[:room]
+
+    def _too_many_files(self) -> GatewayError:
+        limit = self.config.limits.max_files
+        return GatewayError(
+            "too_many_files", f"more than {limit} files in one request (set by limits.max_files)",
+            limit=limit, limit_source="limits.max_files", channel=self.target.channel,
+            role=self.role,
+        )
+
+    def _form_role(self) -> Role:
+        assert self.inspector is not None
+        found = role_from_form(self.config.uploads.role.from_form, self.inspector.role_value)
+        return found or self.config.uploads.role.default
+
+    async def _role_known(self, role: Role) -> None:
+        """The role arrived with the body: apply what had to wait for it."""
+        self.role = role
+        self._check_enabled(role)
+        for part in self.files:
+            await self._check_part(part)
+
+    async def _check_part(self, part: Part) -> None:
+        if part.ignored:
+            return
+        self._check_size(part)
+        facts = self._facts(part)
+        if part.sniffed is None and (len(part.head) >= self.sniff_bytes or part.ended):
+            part.sniffed = await self.sniffer.sniff_async(bytes(part.head))
+            facts = self._facts(part)
+            mismatch = rules.check_spoofing(facts)
+            if mismatch is not None:
+                mismatch.fields.update(channel=self.target.channel, role=self.role)
+            self.handle(mismatch, part.index)
+        if part.sniffed is not None and self.role is not None and not part.judged:
+            part.judged = True
+            self.handle(rules.check_allowed(self.policy(self.role), facts), part.index)
+
+    def _check_size(self, part: Part) -> None:
+        """The file limit of the role; while the role is unknown, only what every role breaks."""
+        role = self.role or self.config.uploads.role.default
+        policy = self.policy(role)
+        if part.size > policy.system_cap:
+            self.handle(rules.file_too_large(rules.capped(policy), part.filename), part.index)
+        elif self.role is not None:
+            self.handle(rules.check_size(policy, part.size, part.filename), part.index)
+        elif self.mode == "enforce":
+            enabled = [self.policy(r) for r in ROLES if self.policy(r).enabled]
+            if enabled and all(part.size > p.max_file_size for p in enabled):
+                loosest = max(enabled, key=lambda p: p.max_file_size)
+                self.handle(rules.file_too_large(loosest, part.filename), part.index)
+
+    def _facts(self, part: Part) -> rules.FileFacts:
+        return rules.FileFacts(part.filename, part.content_type, part.sniffed or "", part.size,
+                               part.name)
+
+    async def finish(self) -> list[rules.FileVerdict]:
+        if self.inspector is not None:
+            self.inspector.finish()
+            if self.role is None:
+                await self._role_known(self._form_role())
+        elif self.raw is not None:
+            self.raw.ended = True
+            await self._check_part(self.raw)
+        verdicts = []
+        for part in self.files:
+            facts = self._facts(part)
+            verdicts.append(replace(rules.FileVerdict.of(facts, None),
+                                    reason=self.reasons.get(part.index)))
+            if self.metrics is not None:
+                self.metrics.upload_size.labels(self.target.channel, self.role).observe(part.size)
+        return verdicts
+
+
+async def _chunks(body: Body) -> AsyncIterator[bytes]:
+    """Chunks as they arrive: ``readany`` on a StreamReader (whose ``async for`` yields lines)."""
+    if isinstance(body, StreamReader):
+        while chunk := await body.readany():
+            yield chunk
+    else:
+        async for chunk in body:
+            yield chunk
+
+
+async def inspect_upload(
+    body: Body,
+    headers: Mapping[str, str],
+    target: UploadTarget,
+    claims: Mapping[str, Any],
+    config: Config,
+    spool_limits: SpoolBudget,
+    metrics: Metrics | None,
+    *,
+    sniffer: Sniffer | None = None,
+) -> InspectedUpload:
+    """Read, inspect and spool the whole body; raises :class:`GatewayError` on refusal.
+
+    On any exit by exception no spool remains.
+    """
+    error = _encoding_error(headers)
+    if error is not None:
+        raise error
+    inspection = _Inspection(headers, target, claims, config, sniffer or default_sniffer(),
+                             metrics)
+    spool = Spool(config.spool, spool_limits, metrics)
+    try:
+        inspection.start()
+        async for chunk in _chunks(body):
+            await inspection.feed(chunk)
+            await spool.write(chunk)
+        files = await inspection.finish()
+        await spool.seal()
+    except BaseException:
+        await spool.aclose()
+        raise
+    role = inspection.role or config.uploads.role.default
+    return InspectedUpload(spool, files, role, inspection.reported)

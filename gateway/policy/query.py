@@ -1,0 +1,49 @@
+"""``GET /_gateway/policy/{channel}``: a client learns its limits before it uploads (SPEC §5).
+
+The answer is computed by the same :func:`effective_policy` the request path enforces, so the chat
+widget can disable the send button for a 30 MB video instead of uploading it to be refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from gateway.config.model import Config, Role
+from gateway.policy.rules import effective_policy
+from gateway.policy.types import GROUPS
+
+POLICY_PREFIX = "/_gateway/policy/"
+
+
+def caller_role(config: Config, claims: Mapping[str, Any], asked: str | None) -> Role:
+    """The role the Secret states; when it states none, the one asked for, else the default."""
+    claim = config.uploads.role.from_claim
+    value = claims.get(claim) if claim else None
+    if value in ("agent", "customer"):
+        return value  # type: ignore[return-value]
+    if asked in ("agent", "customer"):
+        return asked  # type: ignore[return-value]
+    return config.uploads.role.default
+
+
+def policy_response(
+    request: web.Request, config: Config, claims: Mapping[str, Any], request_id: str
+) -> web.Response:
+    channel_id = unquote(request.path[len(POLICY_PREFIX) :])
+    role = caller_role(config, claims, request.query.get("role"))
+    policy = effective_policy(config, channel_id, role)
+    body = policy.as_dict()
+    # Named groups spelled out, so a client needs no copy of our group table.
+    body["allowed_types"]["expanded"] = sorted(
+        {member for entry in policy.allowed_types for member in GROUPS.get(entry, (entry,))}
+    )
+    return web.Response(
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={"X-Request-Id": request_id, "Cache-Control": "private, max-age=60"},
+    )

@@ -1,0 +1,179 @@
+"""Running the gateway: one process per worker, all on one port (SO_REUSEPORT), and signals.
+
+The parent of ``--workers N`` only supervises: it sets up Prometheus' multiprocess directory so
+``/metrics`` on any worker reports totals over all of them, starts the workers, passes SIGHUP
+(reload) and SIGTERM (drain) on, and restarts a worker that died. A worker drains on SIGTERM: it
+stops accepting, reports not-ready, lets in-flight requests finish within
+``server.shutdown_grace``, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import build_admin_app, build_app, build_state
+from gateway.config import load_config
+from gateway.config.model import Config
+from gateway.reload import ConfigWatcher
+from gateway.state import GatewayState
+
+LOGGER = logging.getLogger("upload_gateway")
+
+
+def setup_logging(level: str) -> None:
+    """Access lines are already JSON; other records get a compact JSON envelope too."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stdout,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
+    )
+    access = logging.getLogger("upload_gateway.access")
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(level.upper())
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """TLS termination with TLS 1.2 as the floor (SPEC §7), when a certificate is configured."""
+    if not config.server.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.server.tls_cert_file, config.server.tls_key_file)
+    return context
+
+
+async def serve_worker(config_path: str, config: Config) -> None:
+    """One worker: the proxy and admin listeners, until SIGTERM/SIGINT."""
+    state = build_state(config)
+    runner = web.AppRunner(
+        build_app(state),
+        handle_signals=False,
+        access_log=None,
+        auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
+        max_line_size=config.server.max_line_size,
+        max_field_size=config.server.max_header_size,
+        keepalive_timeout=config.server.keepalive_timeout,
+        shutdown_timeout=config.server.shutdown_grace,
+    )
+    admin_runner = web.AppRunner(build_admin_app(state), handle_signals=False, access_log=None)
+    await runner.setup()
+    await admin_runner.setup()
+    listen, admin = config.listen, config.admin_listen
+    await web.TCPSite(
+        runner, listen.host, listen.port, reuse_port=True, backlog=1024, ssl_context=tls_context(config)
+    ).start()
+    await web.TCPSite(admin_runner, admin.host, admin.port, reuse_port=True).start()
+    LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())
+    watcher = ConfigWatcher(config_path, state.config, state.metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
+    await watcher.start()
+    try:
+        await stop.wait()
+    finally:
+        await _drain(state, runner, admin_runner, watcher)
+
+
+async def _drain(
+    state: GatewayState, runner: web.AppRunner, admin_runner: web.AppRunner, watcher: ConfigWatcher
+) -> None:
+    LOGGER.info("draining: no new connections, in-flight requests may finish")
+    state.draining = True
+    await watcher.close()
+    await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
+    await admin_runner.cleanup()
+
+
+def run_worker(config_path: str, env: dict[str, str] | None = None) -> None:
+    """Process entry point (also the whole server when ``--workers 1``)."""
+    if env:
+        os.environ.update(env)
+    config = load_config(config_path)
+    setup_logging(config.log_level)
+    _run(serve_worker(config_path, config))
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def serve(config_path: str, workers: int) -> int:
+    config = load_config(config_path)  # fail fast, in the parent, on a bad file
+    if workers <= 1:
+        setup_logging(config.log_level)
+        _run(serve_worker(config_path, config))
+        return 0
+    return _supervise(config_path, config, workers)
+
+
+def _supervise(config_path: str, config: Config, workers: int) -> int:
+    setup_logging(config.log_level)
+    prom_dir = tempfile.mkdtemp(prefix="upload-gateway-metrics-")
+    env = {"PROMETHEUS_MULTIPROC_DIR": prom_dir}
+    os.environ.update(env)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [_start(ctx, config_path, env) for _ in range(workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        while not stopping:
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and not stopping:
+                    LOGGER.error("worker %s exited with %s; restarting", proc.pid, proc.exitcode)
+                    _mark_dead(proc.pid)
+                    procs[i] = _start(ctx, config_path, env)
+            time.sleep(0.2)
+        deadline = time.monotonic() + config.server.shutdown_grace + 5
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        failed = [p for p in procs if p.exitcode not in (0, None)]
+        return 1 if failed else 0
+    finally:
+        shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _start(ctx: Any, config_path: str, env: dict[str, str]) -> Any:
+    proc = ctx.Process(target=run_worker, args=(config_path, env), daemon=False)
+    proc.start()
+    return proc
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Tell prometheus_client a worker is gone, so its live gauges stop counting."""
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,43 @@
+"""Typed app state: the one object every stage of the request path is handed (``STATE``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.auth.authenticator import Authenticator
+from gateway.config.model import Config
+from gateway.forward import Forwarder
+from gateway.metrics import Metrics
+from gateway.spool import SpoolBudget
+
+
+@dataclass
+class ConfigHolder:
+    """The live config. Reloads swap ``current``; a request reads it once, at its start, so an
+    in-flight upload finishes under the policy it started with (SPEC §4 hot reload)."""
+
+    current: Config
+    generation: int = 0
+    last_error: str | None = None
+
+    def swap(self, config: Config) -> None:
+        self.current = config
+        self.generation += 1
+        self.last_error = None
+
+
+@dataclass
+class GatewayState:
+    config: ConfigHolder
+    metrics: Metrics
+    forwarder: Forwarder
+    auth: Authenticator
+    redis: Redis
+    spool_budget: SpoolBudget
+    draining: bool = False
+
+
+STATE = web.AppKey("gateway_state", GatewayState)

@@ -1,0 +1,232 @@
+"""The transparent proxy (issue 2): every non-upload request goes through unchanged, streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
+from tests.support.procs import RedisServer, free_port
+from tests.support.rawhttp import request as raw_request
+from tests.support.test_backend import pattern
+
+
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60))
+
+
+def seen_headers(record: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in record["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_every_method_reaches_the_backend_with_its_body(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str], method: str
+) -> None:
+    body = b"" if method in ("GET", "DELETE", "OPTIONS") else b"payload-" + method.encode()
+    async with session() as s, s.request(method, gateway.url + "/t/echo", data=body, headers=auth) as r:
+        assert r.status == 200
+        assert await r.read() == body
+    [rec] = backend.records()
+    assert rec["method"] == method
+
+
+async def test_large_bodies_are_byte_identical_both_ways(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    """50 MB up (not an upload route, so no size policy) and 50 MB down, streamed."""
+    size = 50 * 1024 * 1024
+    data = pattern(size)
+
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(0, size, 1 << 20):
+            yield data[i : i + (1 << 20)]
+
+    digest = hashlib.sha256()
+    async with session() as s:
+        async with s.post(gateway.url + "/t/echo", data=gen(), headers=auth) as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                digest.update(chunk)
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+        async with s.get(gateway.url + f"/t/big/{size}", headers=auth) as r:
+            assert r.headers["Content-Length"] == str(size)
+            got = await r.read()
+        assert got == data
+
+
+async def test_content_length_request_keeps_its_framing(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    async with session() as s, s.post(gateway.url + "/t/echo", data=b"x" * 1000, headers=auth) as r:
+        assert r.headers["X-Seen-Content-Length"] == "1000"
+        assert r.headers["X-Seen-Transfer-Encoding"] == "-"
+
+
+async def test_chunked_request_and_response_stream_through(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    parts = [b"a" * 10, b"b" * 70000, b"c"]
+
+    async def gen() -> AsyncIterator[bytes]:
+        for p in parts:
+            yield p
+
+    async with session() as s:
+        async with s.post(gateway.url + "/t/echo", data=gen(), headers=auth) as r:
+            assert r.headers["X-Seen-Transfer-Encoding"] == "chunked"
+            assert await r.read() == b"".join(parts)
+        async with s.get(gateway.url + "/t/chunked/100000", headers=auth) as r:
+            assert r.headers.get("Transfer-Encoding") == "chunked"
+            assert await r.read() == pattern(100000)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/t/status/200?a=%2F%2f&b=%E2%82%AC&c=a+b&d=%25&e=&f",
+        "/t/status/200?q=%7Bx%7D&sp=a%20b&plus=1+1&x=%ZZ",
+        "/q;param/%2e%2E?k=v=w&&k=v2#",
+    ],
+)
+def test_path_and_query_reach_the_backend_exactly_as_sent(
+    gateway: GatewayProc, backend: BackendProc, secret: str, target: str
+) -> None:
+    payload = (
+        f"GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {secret}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    response = raw_request(gateway.port, payload)
+    assert response.status == 200
+    [rec] = backend.records()
+    assert rec["path"] == target.split("#")[0]
+
+
+def test_hop_by_hop_headers_are_not_forwarded(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    payload = (
+        "GET /t/status/200 HTTP/1.1\r\nHost: chat.example.com\r\n"
+        f"Authorization: Bearer {secret}\r\n"
+        "Connection: close, X-Private\r\nX-Private: secret-hop\r\nKeep-Alive: timeout=5\r\n"
+        "TE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nTrailer: X-T\r\n"
+        "X-End-To-End: kept\r\nX-Request-Id: trace-123\r\nX-Gateway-Client-Id: spoofed\r\n"
+        "X-Forwarded-For: 10.9.8.7\r\n\r\n"
+    ).encode()
+    assert raw_request(gateway.port, payload).status == 200
+    [rec] = backend.records()
+    seen = seen_headers(rec)
+    for hop in ("x-private", "keep-alive", "te", "proxy-authorization", "trailer"):
+        assert hop not in seen, hop
+    assert seen.get("connection", ["keep-alive"]) != ["close, X-Private"]
+    assert seen["x-end-to-end"] == ["kept"]
+    assert seen["authorization"] == [f"Bearer {secret}"]  # the backend may check it too
+    assert seen["x-request-id"] == ["trace-123"]
+    assert seen["x-forwarded-for"] == ["10.9.8.7, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["http"]
+    assert seen["x-forwarded-host"] == ["chat.example.com"]
+    assert seen["x-gateway-client-id"] == ["acme"]
+
+
+def test_an_insane_request_id_is_replaced(gateway: GatewayProc, backend: BackendProc, secret: str) -> None:
+    payload = (
+        "GET /t/status/200 HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {secret}\r\nX-Request-Id: {'a b<>' * 50}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    response = raw_request(gateway.port, payload)
+    [rec] = backend.records()
+    rid = seen_headers(rec)["x-request-id"][0]
+    assert " " not in rid and len(rid) == 32
+    assert response.header("X-Request-Id") is None or response.header("X-Request-Id")
+
+
+async def test_head_204_and_304_have_no_body(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    async with session() as s:
+        async with s.head(gateway.url + "/t/big/5000", headers=auth) as r:
+            assert r.status == 200
+            assert r.headers["Content-Length"] == "5000"
+            assert await r.read() == b""
+        for code in (204, 304):
+            async with s.get(gateway.url + f"/t/status/{code}", headers=auth) as r:
+                assert r.status == code
+                assert r.headers["ETag"] == '"v1"'
+                assert await r.read() == b""
+
+
+async def test_repeated_response_headers_are_all_passed_back(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    async with session() as s, s.get(gateway.url + "/t/cookies", headers=auth) as r:
+        assert r.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        assert r.headers.getall("X-Multi") == ["one", "two"]
+
+
+async def test_backend_status_and_body_pass_back_unchanged(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    async with session() as s, s.post(gateway.url + "/t/status/418", data=b"x", headers=auth) as r:
+        assert r.status == 418
+        assert await r.text() == "status 418"
+
+
+async def test_backend_hanging_is_a_504_problem(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    async with session() as s, s.get(gateway.url + "/t/hang", headers=auth) as r:
+        assert r.status == 504
+        assert r.content_type == "application/problem+json"
+        problem = await r.json(content_type=None)
+    assert problem["code"] == "backend_timeout"
+    assert "backend" in problem["detail"]
+
+
+async def test_backend_dropping_the_response_midway_cuts_the_client_off(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    """A half response must never look whole: the client sees a broken body, not 1,000 bytes."""
+    async with session() as s, s.get(gateway.url + "/t/reset-mid", headers=auth) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+
+
+async def test_backend_down_is_a_502_problem(
+    redis_server: RedisServer, tmp_path: Path, api_key: str, gateway: GatewayProc
+) -> None:
+    config = base_config(redis_server.url, f"http://127.0.0.1:{free_port()}", tmp_path / "spool")
+    down = start_gateway(config, tmp_path)
+    try:
+        from tests.conftest import mint
+
+        token = mint(gateway, api_key)
+        async with session() as s, s.get(
+            down.url + "/anything", headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            assert r.status == 502
+            problem = json.loads(await r.read())
+        assert problem["code"] == "backend_unavailable"
+        assert problem["status"] == 502
+        assert problem["request_id"] == r.headers["X-Request-Id"]
+    finally:
+        down.stop()
+
+
+async def test_encoded_url_is_not_normalised(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    url = URL(gateway.url + "/t/status/200/..%2Fetc/%2e%2e/x", encoded=True)
+    async with session() as s, s.get(url, headers=auth) as r:
+        assert r.status == 200
+    [rec] = backend.records()
+    assert rec["path"] == "/t/status/200/..%2Fetc/%2e%2e/x"

@@ -1,0 +1,129 @@
+"""The spool: memory, then an unlinked AES-256-GCM file; exact bytes back; nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config.model import SpoolConfig
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.spool import RECORD_SIZE, TAG_SIZE, Spool, SpoolBudget
+
+
+def spool_fds(directory: Path) -> list[str]:
+    """Open descriptors of this process on files (even deleted ones) in ``directory``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + "/"):
+            found.append(target)
+    return found
+
+
+async def read_all(spool: Spool) -> bytes:
+    return b"".join([chunk async for chunk in spool.chunks()])
+
+
+def pattern(size: int) -> bytes:
+    unit = b"plaintext-secret-pattern-0123456789;"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, RECORD_SIZE - 1, RECORD_SIZE,
+                                  RECORD_SIZE + 1, 3 * RECORD_SIZE, 3 * RECORD_SIZE + 17])
+@pytest.mark.parametrize("chunk", [1000, 65536, 100_000])
+async def test_round_trip_is_exact(tmp_path: Path, size: int, chunk: int) -> None:
+    data = pattern(size)
+    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9),
+                  SpoolBudget(10**9))
+    for start in range(0, size, chunk):
+        await spool.write(data[start:start + chunk])
+    await spool.seal()
+    assert spool.on_disk == (size > 1000)
+    assert await read_all(spool) == data
+    assert await read_all(spool) == data  # a retry reads it again
+    await spool.aclose()
+    assert os.listdir(tmp_path) == [] and spool_fds(tmp_path) == []
+
+
+async def test_the_file_is_private_unlinked_and_holds_no_plaintext(tmp_path: Path) -> None:
+    data = pattern(5 * RECORD_SIZE + 3)
+    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=1024, max_bytes=10**9),
+                  SpoolBudget(10**9))
+    await spool.write(data)
+    await spool.seal()
+    fd = spool.fileno()
+    assert fd is not None
+    assert os.listdir(tmp_path) == []  # never visible by name
+    assert len(spool_fds(tmp_path)) == 1
+    mode = os.fstat(fd).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    with open(f"/proc/self/fd/{fd}", "rb") as raw:
+        cipher = raw.read()
+    assert len(cipher) == len(data) + 6 * TAG_SIZE
+    assert b"plaintext-secret" not in cipher
+    assert repr(spool).startswith("<Spool") and "key" not in repr(spool).lower()
+    await spool.aclose()
+    await spool.aclose()  # idempotent
+    assert spool_fds(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_record", "swap"])
+async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
+    data = pattern(3 * RECORD_SIZE + 10)
+    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=10, max_bytes=10**9),
+                  SpoolBudget(10**9))
+    await spool.write(data)
+    await spool.seal()
+    path = f"/proc/self/fd/{spool.fileno()}"
+    with open(path, "rb") as raw:
+        cipher = bytearray(raw.read())
+    record = RECORD_SIZE + TAG_SIZE
+    if damage == "flip":
+        cipher[100] ^= 1
+    elif damage == "truncate_record":  # drop the last record: the one before is not "last"
+        cipher = cipher[:3 * record]
+        spool._records -= 1
+    else:
+        cipher[:record], cipher[record:2 * record] = cipher[record:2 * record], cipher[:record]
+    with open(path, "r+b") as raw:
+        raw.truncate(0)
+        raw.write(cipher)
+    with pytest.raises(RuntimeError, match="authentication"):
+        await read_all(spool)
+    await spool.aclose()
+
+
+async def test_budget_refuses_with_507_and_is_returned_on_close(tmp_path: Path) -> None:
+    budget = SpoolBudget(3000)
+    metrics = Metrics(CollectorRegistry())
+    config = SpoolConfig(str(tmp_path), memory_threshold=100, max_bytes=3000)
+    first, second = Spool(config, budget, metrics), Spool(config, budget, metrics)
+    await first.write(b"a" * 2000)
+    await second.write(b"b" * 1000)  # exactly the budget
+    assert metrics.registry.get_sample_value("upload_gateway_spool_bytes") == 3000
+    with pytest.raises(GatewayError) as refused:
+        await second.write(b"c")
+    assert refused.value.code == "spool_full" and refused.value.status == 507
+    await first.aclose()
+    await second.aclose()
+    assert budget.used == 0
+    assert metrics.registry.get_sample_value("upload_gateway_spool_bytes") == 0
+    assert spool_fds(tmp_path) == []
+
+
+async def test_closed_spool_cannot_be_used(tmp_path: Path) -> None:
+    spool = Spool(SpoolConfig(str(tmp_path)), SpoolBudget(10**6))
+    await spool.aclose()
+    with pytest.raises(RuntimeError):
+        await spool.write(b"x")
+    with pytest.raises(RuntimeError):
+        await read_all(spool)
