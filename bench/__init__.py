@@ -1,1 +1,4 @@
-"""The benchmark: the gateway against nginx peers, in one run (issue 6). Entry: ``python -m bench.run``."""
+"""The benchmark: the gateway against nginx peers, in one run (issue 6).
+
+Entry point: ``python -m bench.run`` (``make bench``).
+"""

@@ -35,8 +35,11 @@ async def check(request: web.Request) -> web.Response:
         return web.Response(status=401)
     try:
         claims = jwt.decode(
-            header[7:], request.app[SIGNING_KEY], algorithms=["HS256"],
-            options={"require": ["exp"]}, leeway=30,
+            header[7:],
+            request.app[SIGNING_KEY],
+            algorithms=["HS256"],
+            options={"require": ["exp"]},
+            leeway=30,
         )
     except jwt.InvalidTokenError:
         return web.Response(status=401)
@@ -74,8 +77,13 @@ def _serve(port: int, redis_url: str, key_prefix: str) -> None:
     else:
         loop = uvloop.new_event_loop()
     web.run_app(
-        build_app(redis_url, key_prefix), host="127.0.0.1", port=port,
-        reuse_port=True, access_log=None, print=None, loop=loop,
+        build_app(redis_url, key_prefix),
+        host="127.0.0.1",
+        port=port,
+        reuse_port=True,
+        access_log=None,
+        print=None,
+        loop=loop,
     )
 
 

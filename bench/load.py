@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import threading
@@ -30,6 +31,7 @@ class RunResult:
     requests: int = 0
     rps: float = 0.0
     mib_per_s: float = 0.0  # upload bytes (whole multipart body) per second
+    rps_littles_law: float = 0.0  # conns / mean latency: a cross-check free of end-of-run cut-off
     latency_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     redis_commands_per_request: float | None = None
@@ -45,8 +47,18 @@ def wrk(url: str, body: Body, headers_file: Path, conns: int, duration: float) -
     """Run wrk with bench/upload.lua; its ``done()`` prints one JSON line we parse."""
     threads = 1 if conns < 2 else 2
     argv = [
-        "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--timeout", "120s",
-        "-s", str(BENCH / "upload.lua"), url + UPLOAD_PATH, "--", str(body.path), str(headers_file),
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{max(1, math.ceil(duration))}s",
+        "--timeout",
+        "120s",
+        "-s",
+        str(BENCH / "upload.lua"),
+        url + UPLOAD_PATH,
+        "--",
+        str(body.path),
+        str(headers_file),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 180)
     match = _WRKJSON.search(done.stdout)
@@ -107,7 +119,12 @@ def status_kib(pid: int, field_name: str) -> int | None:
 
 
 def measure(
-    peer: Peer, body: Body, headers_file: Path, conns: int, duration: float, rep: int,
+    peer: Peer,
+    body: Body,
+    headers_file: Path,
+    conns: int,
+    duration: float,
+    rep: int,
     redis_client: redis.Redis,
 ) -> RunResult:
     """One wrk run against ``peer`` with everything we want to know about it."""
@@ -124,13 +141,17 @@ def measure(
     result.mib_per_s = round(ok * body.size / seconds / 1048576, 1)
     lat = raw["latency_us"]
     result.latency_ms = {k: round(float(v) / 1000, 3) for k, v in lat.items()}
+    if lat["mean"] and not raw["errors"]["status"]:
+        result.rps_littles_law = round(conns / (float(lat["mean"]) / 1e6), 1)
     result.errors = {k: int(v) for k, v in raw["errors"].items() if v}
     result.redis_commands = delta
     if requests:
         result.redis_commands_per_request = round(sum(delta.values()) / requests, 3)
     result.peak_rss_mib = {str(pid): round(kib / 1024, 1) for pid, kib in rss.peak_kib.items()}
     if ok < 5 * conns:
-        result.note = f"only {ok} requests completed: quantisation error up to {conns / max(ok, 1):.0%}"
+        result.note = (
+            f"only {ok} requests completed: quantisation error up to {conns / max(ok, 1):.0%}"
+        )
     return result
 
 

@@ -39,19 +39,21 @@ def png(size: int, seed: int = 6) -> bytes:
 
 def multipart(file_bytes: bytes, filename: str = "bench.png") -> bytes:
     """The platform's upload: a ``data`` part with ``IsManager`` and one ``file`` part."""
-    crlf = b"\r\n"
-    b = BOUNDARY.encode()
-    return b"".join([
-        b"--", b, crlf,
-        b'Content-Disposition: form-data; name="data"', crlf,
-        b"Content-Type: application/json", crlf, crlf,
-        b'{"IsManager": true}', crlf,
-        b"--", b, crlf,
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"'.encode(), crlf,
-        b"Content-Type: image/png", crlf, crlf,
-        file_bytes, crlf,
-        b"--", b, b"--", crlf,
-    ])
+    dash = b"--" + BOUNDARY.encode()
+    disposition = f'Content-Disposition: form-data; name="file"; filename="{filename}"'
+    head = [
+        dash,
+        b'Content-Disposition: form-data; name="data"',
+        b"Content-Type: application/json",
+        b"",
+        b'{"IsManager": true}',
+        dash,
+        disposition.encode(),
+        b"Content-Type: image/png",
+        b"",
+        b"",
+    ]
+    return b"\r\n".join(head) + file_bytes + b"\r\n" + dash + b"--\r\n"
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,18 @@ VARIANTS: dict[str, GatewayVariant] = {
     for v in (
         GatewayVariant("gateway-w1", 1, description="auth+inspection+spool+encryption, 1 worker"),
         GatewayVariant("gateway-w2", 2, description="auth+inspection+spool+encryption, 2 workers"),
-        GatewayVariant("gateway-pass-w2", 2, upload_routes=False,
-                       description="auth + streaming pass-through, no inspection, 2 workers"),
-        GatewayVariant("gateway-info-w2", 2, log_level="INFO",
-                       description="gateway-w2 with the JSON access log on (INFO)"),
+        GatewayVariant(
+            "gateway-pass-w2",
+            2,
+            upload_routes=False,
+            description="auth + streaming pass-through, no inspection, 2 workers",
+        ),
+        GatewayVariant(
+            "gateway-info-w2",
+            2,
+            log_level="INFO",
+            description="gateway-w2 with the JSON access log on (INFO)",
+        ),
     )
 }
 NGINX_PEERS = {
@@ -77,7 +85,9 @@ NGINX_PEERS = {
 }
 
 
-def gateway_config(variant: GatewayVariant, redis_url: str, sink_url: str, work: Path) -> dict[str, Any]:
+def gateway_config(
+    variant: GatewayVariant, redis_url: str, sink_url: str, work: Path
+) -> dict[str, Any]:
     spool = work / "spool" / variant.name
     spool.mkdir(parents=True, exist_ok=True)
     config = base_config(redis_url, sink_url, spool)
@@ -96,8 +106,16 @@ def start_gateway(stack: Stack, variant: GatewayVariant, redis_url: str, sink_ur
     path = stack.work / f"{variant.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     port = int(config["listen"].rsplit(":", 1)[1])
-    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path),
-            "--workers", str(variant.workers)]
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(path),
+        "--workers",
+        str(variant.workers),
+    ]
     proc = stack.start(variant.name, argv, port, {"GATEWAY_SIGNING_KEY": SIGNING_KEY})
     wait_ready(f"http://{config['admin_listen']}/readyz")
     config["_path"] = str(path)
@@ -119,7 +137,11 @@ def cli(config_path: str, *args: str) -> str:
     env.pop("GATEWAY_CONFIG", None)
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", config_path, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if done.returncode != 0:
         raise RuntimeError(f"upload-gateway {args[0]} failed: {done.stderr.strip()}")
@@ -129,4 +151,6 @@ def cli(config_path: str, *args: str) -> str:
 def issue_secret(config_path: str) -> str:
     """A new API key for client ``bench`` and an agent Secret for it (24 h)."""
     key = json.loads(cli(config_path, "keys", "add", "--client", "bench", "--json"))["api_key"]
-    return cli(config_path, "secret", "mint", "--api-key", key, "--ttl", "24h", "--claim", "role=agent")
+    return cli(
+        config_path, "secret", "mint", "--api-key", key, "--ttl", "24h", "--claim", "role=agent"
+    )

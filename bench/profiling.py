@@ -31,8 +31,21 @@ def record(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.P
     binary = py_spy()
     if binary is None:
         raise RuntimeError("py-spy is not installed (.venv/bin/pip install py-spy)")
-    argv = [binary, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate",
-            str(rate), "--nonblocking", "--format", "raw", "--output", str(out)]
+    argv = [
+        binary,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        str(rate),
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -86,8 +99,12 @@ def summarise(raw: str, top: int = 25) -> dict[str, Any]:
     def share(counter: Counter[str]) -> list[list[Any]]:
         return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)]
 
-    return {"samples": total, "self_pct": share(self_time), "inclusive_pct": share(inclusive),
-            "self_by_package_pct": share(by_package)}
+    return {
+        "samples": total,
+        "self_pct": share(self_time),
+        "inclusive_pct": share(inclusive),
+        "self_by_package_pct": share(by_package),
+    }
 
 
 def _package(frame: str) -> str:

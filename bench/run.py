@@ -14,7 +14,6 @@ profiles of a single gateway worker. Every process is stopped at the end, also o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import yaml
 
 from bench import load, peers, probes, profiling, report
 from bench.payloads import CONTENT_TYPE, Body, write_bodies
@@ -66,11 +66,18 @@ def plan(args: argparse.Namespace, available: set[str]) -> list[Cell]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1048576
     tools = {
-        "nginx": _version(["nginx", "-v"]), "wrk": _version(["wrk", "-v"]).split(" [")[0],
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"]).split(" [")[0],
         "redis": _version(["redis-server", "--version"]).split(" sha")[0],
         "python": platform.python_version(),
     }
@@ -78,9 +85,13 @@ def machine() -> dict[str, Any]:
     import uvloop
 
     tools.update(aiohttp=aiohttp.__version__, uvloop=uvloop.__version__)
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem, 1),
-            "kernel": platform.release(),
-            "versions": ", ".join(f"{k} {v}" for k, v in tools.items())}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "versions": ", ".join(f"{k} {v}" for k, v in tools.items()),
+    }
 
 
 def _version(argv: list[str]) -> str:
@@ -101,8 +112,9 @@ def start_peers(stack: Stack, names: list[str], skipped: dict[str, str]) -> dict
     for name in names:
         try:
             if name in peers.VARIANTS:
-                started[name] = peers.start_gateway(stack, peers.VARIANTS[name],
-                                                    redis_server.url, sink_url)
+                started[name] = peers.start_gateway(
+                    stack, peers.VARIANTS[name], redis_server.url, sink_url
+                )
             else:
                 started[name] = peers.start_nginx(stack, name, sink.port, auth_port)
         except RuntimeError as exc:
@@ -111,8 +123,9 @@ def start_peers(stack: Stack, names: list[str], skipped: dict[str, str]) -> dict
     return started
 
 
-def check_peers(started: dict[str, peers.Peer], bodies: dict[str, Body], secret: str,
-                skipped: dict[str, str]) -> None:
+def check_peers(
+    started: dict[str, peers.Peer], bodies: dict[str, Body], secret: str, skipped: dict[str, str]
+) -> None:
     """Drop a peer that cannot move one real upload of each size to the sink intact."""
     for name, peer in list(started.items()):
         for body in bodies.values():
@@ -124,8 +137,13 @@ def check_peers(started: dict[str, peers.Peer], bodies: dict[str, Body], secret:
                 break
 
 
-def run_matrix(cells: list[Cell], started: dict[str, peers.Peer], bodies: dict[str, Body],
-               headers_file: Path, rdb: redis.Redis) -> list[dict[str, Any]]:
+def run_matrix(
+    cells: list[Cell],
+    started: dict[str, peers.Peer],
+    bodies: dict[str, Body],
+    headers_file: Path,
+    rdb: redis.Redis,
+) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     total = sum(len(c.peers) * c.reps for c in cells)
     for rep in range(max(c.reps for c in cells)):
@@ -135,19 +153,35 @@ def run_matrix(cells: list[Cell], started: dict[str, peers.Peer], bodies: dict[s
             order = [p for p in cell.peers if p in started]
             shift = (rep + index) % max(len(order), 1)
             for name in order[shift:] + order[:shift]:
-                result = load.measure(started[name], bodies[cell.size], headers_file, cell.conns,
-                                      cell.duration, rep, rdb)
+                result = load.measure(
+                    started[name],
+                    bodies[cell.size],
+                    headers_file,
+                    cell.conns,
+                    cell.duration,
+                    rep,
+                    rdb,
+                )
                 runs.append(result.as_dict())
-                print(f"[{len(runs)}/{total}] rep {rep} {cell.key:10} {name:16} "
-                      f"{result.rps:10,.1f} r/s {result.mib_per_s:9,.1f} MiB/s "
-                      f"p99 {result.latency_ms.get('p99', 0):8.1f} ms "
-                      f"{result.errors or ''} {result.note}", flush=True)
+                print(
+                    f"[{len(runs)}/{total}] rep {rep} {cell.key:10} {name:16} "
+                    f"{result.rps:10,.1f} r/s {result.mib_per_s:9,.1f} MiB/s "
+                    f"p99 {result.latency_ms.get('p99', 0):8.1f} ms "
+                    f"{result.errors or ''} {result.note}",
+                    flush=True,
+                )
                 load.settle()
     return runs
 
 
-def run_profiles(started: dict[str, peers.Peer], bodies: dict[str, Body], headers_file: Path,
-                 rdb: redis.Redis, work: Path, seconds: float) -> dict[str, Any]:
+def run_profiles(
+    started: dict[str, peers.Peer],
+    bodies: dict[str, Body],
+    headers_file: Path,
+    rdb: redis.Redis,
+    work: Path,
+    seconds: float,
+) -> dict[str, Any]:
     peer = started.get("gateway-w1")
     if peer is None or profiling.py_spy() is None:
         return {}
@@ -156,14 +190,16 @@ def run_profiles(started: dict[str, peers.Peer], bodies: dict[str, Body], header
         raw = work / f"profile-{size}-c{conns}.txt"
 
         def wrk_run(size: str = size, conns: int = conns) -> dict[str, Any]:
-            return load.measure(peer, bodies[size], headers_file, conns, seconds + 1, 0,
-                                rdb).as_dict()
+            return load.measure(
+                peer, bodies[size], headers_file, conns, seconds + 1, 0, rdb
+            ).as_dict()
 
         summary = profiling.profile_during(peer.proc.popen.pid, seconds, raw, wrk_run)
         summary["expected_samples"] = int(seconds * 200)
         out[f"gateway-w1 {size}/c{conns}"] = summary
         (work / f"profile-{size}-c{conns}.md").write_text(
-            profiling.render(f"gateway-w1 {size}/c{conns}", summary))
+            profiling.render(f"gateway-w1 {size}/c{conns}", summary)
+        )
         print(f"profiled gateway-w1 {size}/c{conns}: {summary['samples']} samples", flush=True)
     return out
 
@@ -173,14 +209,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 repetition, short runs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's duration")
-    parser.add_argument("--peers", default=",".join([*CORE_PEERS, "gateway-pass-w2",
-                                                     "gateway-info-w2"]))
+    parser.add_argument(
+        "--peers", default=",".join([*CORE_PEERS, "gateway-pass-w2", "gateway-info-w2"])
+    )
     parser.add_argument("--sizes", default="10KB,1MB,20MB")
     parser.add_argument("--conns", default="1,16,64")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--refusals", type=int, default=300, help="probes per peer")
-    parser.add_argument("--out", type=Path, default=None, help="default bench/ (--quick: bench/work/)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default bench/ (--quick: bench/work/)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.scale, args.refusals = 1, args.scale * 0.5, 200
@@ -210,22 +249,33 @@ def main(argv: list[str] | None = None) -> int:
         rdb = redis.Redis(port=stack.redis.port)
         bodies = write_bodies(work)
         keys_config = work / "keys.yaml"
-        keys_config.write_text(json.dumps(peers.gateway_config(
-            peers.VARIANTS["gateway-w2"], stack.redis.url, "http://127.0.0.1:9", work)))
+        keys_config.write_text(
+            yaml.safe_dump(
+                peers.gateway_config(
+                    peers.VARIANTS["gateway-w2"], stack.redis.url, "http://127.0.0.1:9", work
+                )
+            )
+        )
         secret = peers.issue_secret(str(keys_config))
         headers_file = work / "headers.txt"
         headers_file.write_text(f"Content-Type: {CONTENT_TYPE}\nAuthorization: Bearer {secret}\n")
         check_peers(started, bodies, secret, skipped)
         cells = plan(args, set(started))
-        print(f"running {sum(len(c.peers) * c.reps for c in cells)} runs, about "
-              f"{sum(len(c.peers) * c.reps * (c.duration + 1.2) for c in cells) / 60:.0f} min "
-              f"(+ warm-up, refusals, profiles)", flush=True)
+        print(
+            f"running {sum(len(c.peers) * c.reps for c in cells)} runs, about "
+            f"{sum(len(c.peers) * c.reps * (c.duration + 1.2) for c in cells) / 60:.0f} min "
+            f"(+ warm-up, refusals, profiles)",
+            flush=True,
+        )
         for peer in started.values():  # warm-up, not recorded
             load.wrk(peer.url, bodies["10KB"], headers_file, 16, 1.0)
         runs = run_matrix(cells, started, bodies, headers_file, rdb)
         refusal = [probes.refusal_latency(p, secret, args.refusals) for p in started.values()]
-        profiles = ({} if args.no_profile else
-                    run_profiles(started, bodies, headers_file, rdb, work, args.profile_seconds))
+        profiles = (
+            {}
+            if args.no_profile
+            else run_profiles(started, bodies, headers_file, rdb, work, args.profile_seconds)
+        )
         result = _result(args, began, cells, started, skipped, runs, refusal, profiles)
         report.write(result, args.out)
         print(f"wrote {args.out / 'results.md'} and results.json", flush=True)
@@ -237,16 +287,23 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
 
 
-def _result(args: argparse.Namespace, began: float, cells: list[Cell],
-            started: dict[str, peers.Peer], skipped: dict[str, str], runs: list[dict[str, Any]],
-            refusal: list[dict[str, Any]], profiles: dict[str, Any]) -> dict[str, Any]:
+def _result(
+    args: argparse.Namespace,
+    began: float,
+    cells: list[Cell],
+    started: dict[str, peers.Peer],
+    skipped: dict[str, str],
+    runs: list[dict[str, Any]],
+    refusal: list[dict[str, Any]],
+    profiles: dict[str, Any],
+) -> dict[str, Any]:
     med = report.medians(runs)
     reps = sorted({c.reps for c in cells})
     notes = [
         f"repetitions per cell: {reps}; durations per run: "
-        + ", ".join(sorted({f'{c.key} {c.duration:g}s' for c in cells})),
+        + ", ".join(sorted({f"{c.key} {c.duration:g}s" for c in cells})),
         "wrk -t2 (-t1 at 1 connection), keep-alive, bench/upload.lua: multipart body with a "
-        "`data` part ({\"IsManager\": true}) and a `file` part holding a real PNG padded to "
+        '`data` part ({"IsManager": true}) and a `file` part holding a real PNG padded to '
         "10,240 / 1,048,576 / 20,000,000 bytes; agent Secret (HS256, claim role=agent)",
         "peers run alternately (rotating order per cell and repetition), medians reported; "
         "non-2xx responses are not counted as throughput",
@@ -261,7 +318,9 @@ def _result(args: argparse.Namespace, began: float, cells: list[Cell],
         "headers to the status line",
     ]
     return {
-        "command": "make bench" if sys.argv[1:] == [] else "python -m bench.run " + " ".join(sys.argv[1:]),
+        "command": "make bench"
+        if sys.argv[1:] == []
+        else "python -m bench.run " + " ".join(sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "elapsed_s": round(time.monotonic() - began, 1),
         "machine": machine(),

@@ -121,8 +121,12 @@ class SinkProtocol(asyncio.Protocol):
         self._transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"X-Sink-Body-Bytes: %d\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (self._body_bytes, len(_PAYLOAD),
-               b"Connection: close\r\n" if self._close_after else b"", _PAYLOAD)
+            % (
+                self._body_bytes,
+                len(_PAYLOAD),
+                b"Connection: close\r\n" if self._close_after else b"",
+                _PAYLOAD,
+            )
         )
         if self._close_after:
             self._transport.close()

@@ -50,7 +50,10 @@ class Proc:
             pid = todo.pop()
             for task in _listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
-                    kids = [int(k) for k in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+                    kids = [
+                        int(k)
+                        for k in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                    ]
                     found.extend(kids)
                     todo.extend(kids)
         return found
@@ -61,10 +64,8 @@ class Proc:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)  # stragglers: workers whose parent already exited
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -93,8 +94,15 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     redis: RedisServer | None = None
 
+    def __post_init__(self) -> None:
+        self.work = self.work.resolve()  # nginx -p resolves relative paths against its prefix
+
     def start(
-        self, name: str, argv: Sequence[str], port: int, env: dict[str, str] | None = None,
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        env: dict[str, str] | None = None,
         ready_timeout: float = 30.0,
     ) -> Proc:
         log = self.work / f"{name}.log"
@@ -102,8 +110,13 @@ class Stack:
         full_env.pop("GATEWAY_CONFIG", None)
         with open(log, "wb") as out:
             popen = subprocess.Popen(
-                list(argv), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                list(argv),
+                cwd=REPO,
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         proc = Proc(name, popen, log, port)
         self.procs.append(proc)
@@ -121,15 +134,34 @@ class Stack:
 
     def start_sink(self, processes: int = 2) -> Proc:
         port = free_port()
-        argv = [sys.executable, "-m", "bench.sink", "--port", str(port), "--processes", str(processes)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.sink",
+            "--port",
+            str(port),
+            "--processes",
+            str(processes),
+        ]
         return self.start("sink", argv, port)
 
-    def start_auth_service(self, redis_url: str, key_prefix: str, signing_key: str,
-                           processes: int = 2) -> Proc:
+    def start_auth_service(
+        self, redis_url: str, key_prefix: str, signing_key: str, processes: int = 2
+    ) -> Proc:
         port = free_port()
-        argv = [sys.executable, "-m", "bench.auth_service", "--port", str(port),
-                "--redis-url", redis_url, "--key-prefix", key_prefix,
-                "--processes", str(processes)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.auth_service",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+            "--key-prefix",
+            key_prefix,
+            "--processes",
+            str(processes),
+        ]
         return self.start("auth-service", argv, port, {"GATEWAY_SIGNING_KEY": signing_key})
 
     def start_nginx(self, name: str, template: str, **values: int) -> Proc:

@@ -54,8 +54,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     except Exception:
         LOGGER.exception("unexpected error, request %s refused", record.request_id)
-        error = GatewayError("internal_error", "an unexpected error occurred; it was logged")
-        response = _refuse(request, state, config, record, error)
+        internal = GatewayError("internal_error", "an unexpected error occurred; it was logged")
+        response = _refuse(request, state, config, record, internal)
     finally:
         _account(state, record, response)
     return response
@@ -193,6 +193,10 @@ def _refuse(
 ) -> web.Response:
     record.reason = error.code
     response = problem_response(error, record.request_id)
+    if request.body_exists and not request.content.at_eof():
+        # Unread body: draining up to 50 MB only to keep the connection is not worth it.
+        response.force_close()
+        response.headers["Connection"] = "close"
     add_cors_headers(response, request, config.cors)
     state.metrics.rejections.labels(reason=error.code, channel=record.channel or "").inc()
     if record.bytes_in:

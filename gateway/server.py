@@ -26,10 +26,12 @@ from aiohttp import web
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.config import load_config
 from gateway.config.model import Config
+from gateway.protocol import GatewayRunner, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
 
 LOGGER = logging.getLogger("upload_gateway")
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def setup_logging(level: str) -> None:
@@ -53,6 +55,10 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: forward secrecy and AEAD only (no CBC, no RSA key exchange); TLS 1.3's suites
+    # are all modern and are not affected by this string.
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(config.server.tls_cert_file, config.server.tls_key_file)
     return context
 
@@ -60,8 +66,10 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 async def serve_worker(config_path: str, config: Config) -> None:
     """One worker: the proxy and admin listeners, until SIGTERM/SIGINT."""
     state = build_state(config)
-    runner = web.AppRunner(
+    options = ProtocolOptions(header_timeout=config.server.header_timeout, metrics=state.metrics)
+    runner = GatewayRunner(
         build_app(state),
+        options,
         handle_signals=False,
         access_log=None,
         auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
@@ -74,8 +82,9 @@ async def serve_worker(config_path: str, config: Config) -> None:
     await runner.setup()
     await admin_runner.setup()
     listen, admin = config.listen, config.admin_listen
+    tls = tls_context(config)
     await web.TCPSite(
-        runner, listen.host, listen.port, reuse_port=True, backlog=1024, ssl_context=tls_context(config)
+        runner, listen.host, listen.port, reuse_port=True, backlog=1024, ssl_context=tls
     ).start()
     await web.TCPSite(admin_runner, admin.host, admin.port, reuse_port=True).start()
     LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())

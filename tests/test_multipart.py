@@ -232,16 +232,17 @@ async def test_uploads_disabled_for_the_role(config: Config) -> None:
 async def test_report_mode_counts_and_lets_policy_rejections_through(tmp_path: Path) -> None:
     config = make_config(tmp_path, mode="report")
     metrics = Metrics(CollectorRegistry())
-    parts = [one("gif"), one("pe", "invoice.pdf"), one("png", size=600)]
-    upload = await inspect(config, parts, channel="small", role="customer", metrics=metrics)
-    assert upload.would_reject is not None
-    assert sorted(e.code for e in upload.reported) == ["file_too_large", "type_mismatch"]
-    assert [f.reason for f in upload.files] == [None, "type_mismatch", "file_too_large"]
+    parts = [one("gif"), one("pe", "invoice.pdf"), one("png", size=10 * MiB + 1), one("png")]
+    upload = await inspect(config, parts, role="customer", metrics=metrics, chunk=MiB)
+    assert upload.would_reject == "type_not_allowed"
+    expected = ["type_not_allowed", "type_mismatch", "file_too_large"]
+    assert [e.code for e in upload.reported] == expected
+    assert [f.reason for f in upload.files] == [*expected, None]
     assert await body_of(upload) == files.multipart(parts)[0]
     await upload.aclose()
     sample = metrics.registry.get_sample_value
-    labels = {"reason": "type_mismatch", "channel": "small"}
-    assert sample("upload_gateway_report_mode_would_reject_total", labels) == 1
+    counted = {"reason": "type_not_allowed", "channel": "default"}
+    assert sample("upload_gateway_report_mode_would_reject_total", counted) == 1  # per upload
     # ...but the system's own limits still hold
     error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent",
                           chunk=1024 * 1024)
@@ -317,8 +318,9 @@ async def test_raw_bodies_are_one_file(config: Config) -> None:
     headers = {"Content-Type": "application/pdf",
                "Content-Disposition": 'attachment; filename="setup.pdf"'}
     with pytest.raises(GatewayError) as info:
-        await inspect_upload(Feeder(files.pe()), headers, found, {"role": "agent"}, config,
-                             SpoolBudget(10**9), None)
+        await inspect_upload(Feeder(files.pe()), headers, match_upload(
+            config, "PUT", "/files/whatsapp/x"), {"role": "agent"}, config, SpoolBudget(10**9),
+            None)
     assert info.value.code == "type_mismatch" and info.value.fields["fileName"] == "setup.pdf"
     with pytest.raises(GatewayError, match="file_too_large"):
         await inspect_upload(Feeder(files.make("png", 1001)), {}, found, {"role": "agent"},
@@ -363,7 +365,8 @@ def test_precheck(config: Config) -> None:
     t = target(config)
     with pytest.raises(GatewayError, match="request_too_large"):
         precheck_upload({"Content-Length": str(50 * MiB + 1)}, t, {}, config)
-    precheck_upload({"Content-Length": str(50 * MiB)}, t, {}, config)
+    precheck_upload({"Content-Length": str(50 * MiB),
+                     "Content-Type": "multipart/form-data; boundary=x"}, t, {}, config)
     whatsapp = target(config, "whatsapp")
     with pytest.raises(GatewayError, match="uploads_disabled"):
         precheck_upload({"Content-Type": "image/png"}, whatsapp, {}, config)  # raw: default role

@@ -1,0 +1,1 @@
+"""Streaming inspection of upload bodies: counting, sniffing, multipart parsing, the stage."""

@@ -172,7 +172,6 @@ class _Inspection:
         self.request = ByteCounter(config.limits.max_request_size)
         self.reported: list[GatewayError] = []
         self.reasons: dict[int, str] = {}  # part index -> first refusal, for the verdicts
-        self._seen: set[tuple[int, str]] = set()
         self.inspector: MultipartInspector | None = None
         self.raw: Part | None = None
         multipart = _is_multipart(headers)
@@ -199,17 +198,21 @@ class _Inspection:
         return rules.effective_policy(self.config, self.target.channel, role)
 
     def handle(self, error: GatewayError | None, index: int = -1) -> None:
-        """Raise ``error``, or, when ``mode: report`` waives it, count and log it once."""
+        """Raise ``error``, or, when ``mode: report`` waives it, log it and count the upload.
+
+        Report mode records what enforce would have answered: the first refusal of each file
+        (``index``; -1 for the request), and the upload is counted once in ``would_reject``.
+        """
         if error is None:
             return
-        self.reasons.setdefault(index, error.code)
         if rules.enforced(error, self.mode):
+            self.reasons.setdefault(index, error.code)
             raise error
-        if (index, error.code) in self._seen:
+        if index in self.reasons:
             return
-        self._seen.add((index, error.code))
+        self.reasons[index] = error.code
         self.reported.append(error)
-        if self.metrics is not None:
+        if self.metrics is not None and len(self.reported) == 1:
             self.metrics.would_reject.labels(error.code, self.target.channel).inc()
         log.warning("mode report: would refuse %s on channel %s: %s",
                     error.code, self.target.channel, error.detail)

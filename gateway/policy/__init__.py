@@ -1,0 +1,1 @@
+"""Upload policy: which requests are uploads, who uploads, and what each channel allows."""

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gateway.config.model import Config, Role
+from gateway.policy.role import ROLES, role_from_claims
 from gateway.policy.rules import effective_policy
 from gateway.policy.types import GROUPS
 
@@ -21,13 +22,14 @@ POLICY_PREFIX = "/_gateway/policy/"
 
 
 def caller_role(config: Config, claims: Mapping[str, Any], asked: str | None) -> Role:
-    """The role the Secret states; when it states none, the one asked for, else the default."""
-    claim = config.uploads.role.from_claim
-    value = claims.get(claim) if claim else None
-    if value in ("agent", "customer"):
-        return value  # type: ignore[return-value]
-    if asked in ("agent", "customer"):
-        return asked  # type: ignore[return-value]
+    """The role the Secret states; when it states none, the one asked for (``?role=``: the
+    platform marks agents in the upload itself, which a GET cannot carry), else the default."""
+    stated = role_from_claims(config, claims)
+    if stated is not None:
+        return stated
+    for role in ROLES:
+        if asked == role:
+            return role
     return config.uploads.role.default
 
 

@@ -81,7 +81,8 @@ def pdf() -> bytes:
 _CONTENT_TYPES = (
     '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
     '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+    '<Default Extension="rels" '
+    'ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
     '<Default Extension="xml" ContentType="application/xml"/>'
     '<Override PartName="/{main}" ContentType="{ctype}"/></Types>'
 )
@@ -249,7 +250,10 @@ channels:
     agents:    {{enabled: true, allowed_types: [images, documents, application/zip]}}
     customers: {{enabled: true, max_file_size: 10MB, allowed_types: [image/png, image/jpeg, .pdf]}}
   whatsapp:
-    agents:    {{enabled: true, max_file_size: 16MB, allowed_types: ["image/*", audio/ogg, video/mp4, .pdf]}}
+    agents:
+      enabled: true
+      max_file_size: 16MB
+      allowed_types: ["image/*", audio/ogg, video/mp4, .pdf]
     customers: {{enabled: false}}
   small:
     agents:    {{max_file_size: 1000, allowed_types: [images, .pdf, text/plain]}}

@@ -1,0 +1,220 @@
+"""The HTTP/1.1 connection, before a request reaches the handler: head timeout and parse errors.
+
+aiohttp has no timeout for receiving a request head: its ``keepalive_timeout`` only closes a
+connection that is idle *between* requests, so a slowloris client dribbling one header byte a
+second holds a connection (and a file descriptor) for as long as it likes. :class:`GatewayProtocol`
+times each head from its first byte (and a fresh connection from its accept, like nginx's
+``client_header_timeout``) and answers 408 when it is not complete within
+``server.header_timeout``. Bodies have their own per-chunk timeout (:mod:`gateway.body`).
+
+aiohttp also answers requests its parser refuses with a plain-text page that quotes the offending
+bytes, and logs them with a traceback; the bytes may be an ``Authorization`` header. Here every
+such refusal is problem+json from the one error table (SPEC §5), 431 for heads that are too large,
+and the log line names only the kind of error, never the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.accesslog import RequestRecord, log_request
+from gateway.errors import GatewayError, problem_body, problem_response
+from gateway.metrics import Metrics
+
+LOGGER = logging.getLogger("upload_gateway")
+_TOO_MANY_HEADERS = "Too many headers received"
+_REASON = re.compile(r"[A-Za-z0-9 `\-]+")
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    header_timeout: float
+    metrics: Metrics
+
+
+class GatewayServer(web.Server):
+    """aiohttp's low-level server, making a :class:`GatewayProtocol` for each connection."""
+
+    def __init__(self, base: web.Server, options: ProtocolOptions) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            **base._kwargs,  # the runner's protocol settings (sizes, timeouts, access log)
+        )
+        self._options = options
+
+    def __call__(self) -> RequestHandler:
+        return GatewayProtocol(self, self._options, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``AppRunner`` whose server speaks through :class:`GatewayProtocol`."""
+
+    def __init__(self, app: web.Application, options: ProtocolOptions, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._options = options
+
+    async def _make_server(self) -> web.Server:
+        return GatewayServer(await super()._make_server(), self._options)
+
+
+class GatewayProtocol(RequestHandler):
+    """One client connection; see the module docstring for what it adds to aiohttp's."""
+
+    def __init__(self, manager: web.Server, options: ProtocolOptions, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._options = options
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = -1  # bytes of the current unfinished head; -1: none started
+        self._line_end: int | None = None  # offset of the head's first LF, once seen
+        self._last_payload: StreamReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()  # a connection that never sends a byte is closed too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._between_requests():
+            self._note_head_bytes(data)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # the parser finished a head (or refused one)
+            self._last_payload = self._messages[-1][1] if self._messages else None
+            self._head_bytes, self._line_end = -1, None
+            self._cancel_head_timer()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's hook for parse errors (and handler crashes): problem+json, then close."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        error = self._classify(status, exc)
+        if error.status >= 500:
+            LOGGER.error("error serving a request from %s", request.remote, exc_info=exc)
+        else:
+            LOGGER.info("refused a request from %s: %s (%s)", request.remote, error.code,
+                        type(exc).__name__)
+        rid = uuid.uuid4().hex
+        self._account(error, rid, request.remote or "")
+        response = problem_response(error, rid)
+        response.force_close()
+        return response
+
+    # -- the head timer -------------------------------------------------------------------------
+
+    def _between_requests(self) -> bool:
+        """True when the next bytes start a head rather than continue a body."""
+        if self._upgraded or self._payload_parser is not None:
+            return False
+        return self._last_payload is None or self._last_payload.is_eof()
+
+    def _note_head_bytes(self, data: bytes) -> None:
+        if self._head_bytes < 0:
+            self._head_bytes = 0
+            self._arm_head_timer()
+        if self._line_end is None and (lf := data.find(b"\n")) >= 0:
+            self._line_end = self._head_bytes + lf
+        self._head_bytes += len(data)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_later(
+                self._options.header_timeout, self._head_timed_out
+            )
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._force_close:
+            return
+        if self._waiter is None or self._messages:
+            # A pipelined head arrived while a request is still being served: never write into
+            # that response; its own timeouts apply, and this head gets a fresh period.
+            self._arm_head_timer()
+            return
+        if self._head_bytes >= 0:
+            self._send_head_timeout()
+        self.force_close()
+
+    def _send_head_timeout(self) -> None:
+        timeout = self._options.header_timeout
+        error = GatewayError(
+            "header_timeout", f"the request head was not complete within {timeout:g} s"
+        )
+        rid = uuid.uuid4().hex
+        body = json.dumps(problem_body(error, rid)).encode()
+        head = (
+            f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-Id: {rid}\r\nConnection: close\r\n\r\n"
+        )
+        assert self.transport is not None
+        self.transport.write(head.encode() + body)
+        peer = self.transport.get_extra_info("peername")
+        self._account(error, rid, str(peer[0]) if peer else "")
+
+    # -- parse errors ---------------------------------------------------------------------------
+
+    def _classify(self, status: int, exc: BaseException | None) -> GatewayError:
+        if status >= 500 or not isinstance(exc, BadHttpMessage):
+            return GatewayError("internal_error", "an unexpected error occurred; it was logged")
+        if isinstance(exc, LineTooLong):
+            if self._line_end is None or self._line_end > self.max_line_size:
+                return GatewayError(
+                    "malformed_request",
+                    f"the request line is longer than {self.max_line_size} bytes",
+                    limit_bytes=self.max_line_size,
+                )
+            return GatewayError(
+                "headers_too_large",
+                f"a request header is longer than {self.max_field_size} bytes",
+                limit_bytes=self.max_field_size,
+            )
+        if exc.message == _TOO_MANY_HEADERS:
+            return GatewayError(
+                "headers_too_large",
+                f"the request has more than {self.max_headers} headers",
+                max_headers=self.max_headers,
+            )
+        return GatewayError("malformed_request", f"not valid HTTP/1.1: {_safe_reason(exc)}")
+
+    def _account(self, error: GatewayError, rid: str, remote: str) -> None:
+        """Count and log what never reached the handler, like any other refusal."""
+        record = RequestRecord(request_id=rid, method="-", path="-", remote=remote)
+        record.reason = error.code
+        record.finish(error.status)
+        metrics = self._options.metrics
+        metrics.rejections.labels(reason=error.code, channel="").inc()
+        metrics.requests.labels(route="proxy", method="OTHER", status=str(error.status)).inc()
+        log_request(record)
+
+
+def _safe_reason(exc: BadHttpMessage) -> str:
+    """The parser's words for what is wrong, without the request bytes it quotes after them."""
+    text = str(exc.message).replace("can't", "cannot")
+    match = _REASON.match(text)
+    reason = match.group(0).strip() if match else ""
+    return reason[:80] or type(exc).__name__
