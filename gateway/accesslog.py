@@ -2,12 +2,15 @@
 
 Built from a :class:`RequestRecord` that the handler fills as the request moves along, so no
 stage needs to know about logging. Never holds a Secret or an API key: only the client id.
+``pid`` says which ``--workers`` process served the request, so an operator can tell a worker
+that misbehaves from one that is merely busy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,6 +37,7 @@ class RequestRecord:
     would_reject: str | None = None
     backend_ms: float | None = None
     duration_ms: float = 0.0
+    pid: int = field(default_factory=os.getpid)
 
     def finish(self, status: int) -> None:
         self.status = status
@@ -49,3 +53,23 @@ class RequestRecord:
 def log_request(record: RequestRecord) -> None:
     if LOGGER.isEnabledFor(logging.INFO):
         LOGGER.info(record.as_json())
+
+
+class JsonFormatter(logging.Formatter):
+    """Every other log record as one JSON object, so the whole stdout parses line by line.
+
+    ``%(message)r`` in a format string is Python's repr, not JSON (single quotes, ``\\n`` kept
+    as text only by luck); a log shipper then drops or mangles exactly the multi-line records
+    that matter most, such as a rejected config reload with its YAML lines.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

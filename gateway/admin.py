@@ -36,6 +36,9 @@ async def _readyz(request: web.Request) -> web.Response:
         "backend": "ok" if backend_ok else "unreachable",
         "config": "ok" if state.config.last_error is None else "last reload failed, old policy kept",
         "config_generation": state.config.generation,
+        # The reason a reload was refused (FILE:LINE: key: message), so an operator sees why the
+        # new policy is not live without grepping the log; None once a good file loaded.
+        "config_error": state.config.last_error,
         "draining": state.draining,
     }
     ready = redis_ok and backend_ok and not state.draining

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-PROBLEM_TYPE_BASE = "https://upload-gateway.dev/problems/"
+PROBLEM_TYPE_BASE = "urn:upload-gateway:problem:"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 

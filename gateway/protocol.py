@@ -23,12 +23,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.accesslog import RequestRecord, log_request
 from gateway.errors import GatewayError, problem_body, problem_response
+from gateway.framing import check_framing
 from gateway.metrics import Metrics
 
 LOGGER = logging.getLogger("upload_gateway")
@@ -43,19 +44,31 @@ class ProtocolOptions:
 
 
 class GatewayServer(web.Server):
-    """aiohttp's low-level server, making a :class:`GatewayProtocol` for each connection."""
+    """aiohttp's low-level server, making a :class:`GatewayProtocol` for each connection.
+
+    Framing is checked here, before routing: the app's catch-all route never sees an
+    asterisk-form or authority-form target, which aiohttp would answer with a plain-text 404.
+    """
 
     def __init__(self, base: web.Server, options: ProtocolOptions) -> None:
         super().__init__(
-            base.request_handler,
+            self._checked,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             **base._kwargs,  # the runner's protocol settings (sizes, timeouts, access log)
         )
+        self._app_handler = base.request_handler
         self._options = options
 
     def __call__(self) -> RequestHandler:
         return GatewayProtocol(self, self._options, loop=self._loop, **self._kwargs)
+
+    async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            check_framing(request)
+        except GatewayError as error:
+            return refuse(error, request.remote or "", self._options.metrics)
+        return await self._app_handler(request)
 
 
 class GatewayRunner(web.AppRunner):
@@ -78,7 +91,9 @@ class GatewayProtocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = -1  # bytes of the current unfinished head; -1: none started
         self._line_end: int | None = None  # offset of the head's first LF, once seen
+        self._line_fits = True  # when the parser refused a head: was its request line short?
         self._last_payload: StreamReader | None = None
+        self._failed_body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -89,14 +104,34 @@ class GatewayProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data and self._between_requests():
+        reading_body = data and not self._between_requests()
+        if data and not reading_body:
             self._note_head_bytes(data)
         count = self._request_count
         super().data_received(data)
-        if self._request_count != count:  # the parser finished a head (or refused one)
-            self._last_payload = self._messages[-1][1] if self._messages else None
-            self._head_bytes, self._line_end = -1, None
-            self._cancel_head_timer()
+        if self._request_count == count:
+            return
+        # The parser finished a head, or refused the bytes.
+        message, payload = self._messages[-1]
+        if (exc := getattr(message, "exc", None)) is not None:
+            self._line_fits = self._line_end is not None and self._line_end <= self.max_line_size
+            if reading_body:
+                self._fail_body(exc)
+        self._last_payload = payload
+        self._head_bytes, self._line_end = -1, None
+        self._cancel_head_timer()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if resp.headers.get(hdrs.CONNECTION, "").lower() == "close":
+            resp.force_close()  # aiohttp ignores a handler's own "Connection: close"
+        result = await super().finish_response(request, resp, start_time)
+        if resp.status == 408 or request.content is self._failed_body:
+            # The client stalled, or its body framing broke: nothing more worth reading, so
+            # skip aiohttp's lingering read (up to 10 s) and close once the answer is out.
+            self.force_close()
+        return result
 
     def handle_error(
         self,
@@ -114,11 +149,18 @@ class GatewayProtocol(RequestHandler):
         else:
             LOGGER.info("refused a request from %s: %s (%s)", request.remote, error.code,
                         type(exc).__name__)
-        rid = uuid.uuid4().hex
-        self._account(error, rid, request.remote or "")
-        response = problem_response(error, rid)
-        response.force_close()
-        return response
+        return refuse(error, request.remote or "", self._options.metrics)
+
+    def _fail_body(self, exc: BaseException) -> None:
+        """aiohttp drops a body whose chunked framing breaks midway without telling its reader,
+        which would then wait for the body timeout; fail it now, as the 400 it is."""
+        if self._last_payload is None or self._last_payload.is_eof():
+            return
+        self._failed_body = self._last_payload
+        reason = _safe_reason(exc) if isinstance(exc, BadHttpMessage) else type(exc).__name__
+        self._last_payload.set_exception(
+            GatewayError("malformed_request", f"the body's chunked framing is invalid: {reason}")
+        )
 
     # -- the head timer -------------------------------------------------------------------------
 
@@ -174,7 +216,7 @@ class GatewayProtocol(RequestHandler):
         assert self.transport is not None
         self.transport.write(head.encode() + body)
         peer = self.transport.get_extra_info("peername")
-        self._account(error, rid, str(peer[0]) if peer else "")
+        account(error, rid, str(peer[0]) if peer else "", self._options.metrics)
 
     # -- parse errors ---------------------------------------------------------------------------
 
@@ -182,7 +224,7 @@ class GatewayProtocol(RequestHandler):
         if status >= 500 or not isinstance(exc, BadHttpMessage):
             return GatewayError("internal_error", "an unexpected error occurred; it was logged")
         if isinstance(exc, LineTooLong):
-            if self._line_end is None or self._line_end > self.max_line_size:
+            if not self._line_fits:
                 return GatewayError(
                     "malformed_request",
                     f"the request line is longer than {self.max_line_size} bytes",
@@ -201,15 +243,24 @@ class GatewayProtocol(RequestHandler):
             )
         return GatewayError("malformed_request", f"not valid HTTP/1.1: {_safe_reason(exc)}")
 
-    def _account(self, error: GatewayError, rid: str, remote: str) -> None:
-        """Count and log what never reached the handler, like any other refusal."""
-        record = RequestRecord(request_id=rid, method="-", path="-", remote=remote)
-        record.reason = error.code
-        record.finish(error.status)
-        metrics = self._options.metrics
-        metrics.rejections.labels(reason=error.code, channel="").inc()
-        metrics.requests.labels(route="proxy", method="OTHER", status=str(error.status)).inc()
-        log_request(record)
+
+def refuse(error: GatewayError, remote: str, metrics: Metrics) -> web.Response:
+    """problem+json for a request refused before the handler; the connection is not reused."""
+    rid = uuid.uuid4().hex
+    account(error, rid, remote, metrics)
+    response = problem_response(error, rid)
+    response.force_close()
+    return response
+
+
+def account(error: GatewayError, rid: str, remote: str, metrics: Metrics) -> None:
+    """Count and log what never reached the handler, like any other refusal."""
+    record = RequestRecord(request_id=rid, method="-", path="-", remote=remote)
+    record.reason = error.code
+    record.finish(error.status)
+    metrics.rejections.labels(reason=error.code, channel="").inc()
+    metrics.requests.labels(route="proxy", method="OTHER", status=str(error.status)).inc()
+    log_request(record)
 
 
 def _safe_reason(exc: BadHttpMessage) -> str:

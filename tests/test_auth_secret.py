@@ -67,7 +67,9 @@ def claims(**extra: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def refused(token: str, code: str = "invalid_secret", cfg: AuthConfig | None = None) -> GatewayError:
+def refused(
+    token: str, code: str = "invalid_secret", cfg: AuthConfig | None = None
+) -> GatewayError:
     with pytest.raises(GatewayError) as info:
         SecretVerifier(cfg or config()).verify(token)
     assert info.value.code == code
@@ -119,7 +121,9 @@ def test_rs256_public_key_used_as_hs256_secret_is_refused() -> None:
         header = {"alg": "HS256", "typ": "JWT", **({"kid": kid} if kid else {})}
         cfg = config() if kid else AuthConfig(
             algorithms=("HS256", "RS256"),
-            keys=MappingProxyType({"default": SigningKey("default", public_key_pem=RSA_PUBLIC_PEM)}),
+            keys=MappingProxyType(
+                {"default": SigningKey("default", public_key_pem=RSA_PUBLIC_PEM)}
+            ),
         )
         refused(forge(header, claims(), RSA_PUBLIC_PEM), cfg=cfg)
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -53,8 +54,10 @@ async def make_auth(prefix: str) -> AsyncIterator[MakeAuth]:
     """Authenticators, each with its own client and pool (like separate gateway processes)."""
     made: list[tuple[Authenticator, Redis]] = []
 
-    async def make(url: str, metrics: Metrics | None = None, **redis_options: object) -> Authenticator:
-        redis = build_redis(RedisConfig(url=url, key_prefix=prefix, **redis_options))  # type: ignore[arg-type]
+    async def make(
+        url: str, metrics: Metrics | None = None, **redis_options: Any
+    ) -> Authenticator:
+        redis = build_redis(RedisConfig(url=url, key_prefix=prefix, **redis_options))
         auth = Authenticator(AUTH, redis, prefix, metrics)
         await auth.start()
         await asyncio.wait_for(auth.subscribed.wait(), 5)
@@ -74,14 +77,18 @@ async def admin(redis_server: RedisServer, prefix: str) -> AsyncIterator[KeyStor
     await redis.aclose()
 
 
-async def refused(auth: Authenticator, headers: dict[str, str], code: str, ip: str = IP) -> GatewayError:
+async def refused(
+    auth: Authenticator, headers: dict[str, str], code: str, ip: str = IP
+) -> GatewayError:
     with pytest.raises(GatewayError) as info:
         await auth.authenticate(headers, ip)
     assert info.value.code == code, info.value
     return info.value
 
 
-async def until_refused(auth: Authenticator, headers: dict[str, str], code: str, within: float) -> float:
+async def until_refused(
+    auth: Authenticator, headers: dict[str, str], code: str, within: float
+) -> float:
     """Seconds until ``auth`` refuses ``headers`` with ``code``; fails after ``within``."""
     start = time.monotonic()
     while time.monotonic() - start < within:
@@ -189,6 +196,7 @@ async def test_cache_hit_makes_zero_redis_commands(
     auth = await make_auth(redis_server.url, metrics)
     new = await admin.add("acme", math.inf)
     headers = bearer(key_of(new))
+    await refused(auth, bearer("ugw_unknown"), "key_not_active")  # opens the pooled connection
     before = await command_calls(admin.redis)
     await auth.authenticate(headers, IP)  # the miss: the measurement must see it
     middle = await command_calls(admin.redis)
@@ -199,7 +207,7 @@ async def test_cache_hit_makes_zero_redis_commands(
     assert delta(before, middle, ignore) == {"cmdstat_zscore": 1, "cmdstat_hgetall": 1}
     assert delta(middle, after, ignore) == {}
     assert metrics.auth_cache.labels(result="hit")._value.get() == 200
-    assert metrics.auth_cache.labels(result="miss")._value.get() == 1
+    assert metrics.auth_cache.labels(result="miss")._value.get() == 2  # unknown + first
 
 
 async def test_revocation_reaches_a_second_gateway_within_a_second(
@@ -295,7 +303,9 @@ async def test_rate_limit_is_shared_by_two_gateways(
     await second.authenticate(bearer(key_of(other)), IP)  # another client's budget is its own
 
 
-async def test_ip_allow_list(make_auth: MakeAuth, admin: KeyStore, redis_server: RedisServer) -> None:
+async def test_ip_allow_list(
+    make_auth: MakeAuth, admin: KeyStore, redis_server: RedisServer
+) -> None:
     auth = await make_auth(redis_server.url)
     new = await admin.add("acme", math.inf, allow_ips=["10.0.0.0/8", "2001:db8::/32"])
     headers = bearer(key_of(new))

@@ -168,11 +168,18 @@ class Authenticator:
             try:
                 purged = await self.store.purge()
             except (RedisError, OSError) as exc:
+                if task_cancelling():
+                    raise asyncio.CancelledError from exc
                 log.warning("purging expired keys failed: %s", type(exc).__name__)
                 self._redis_error("purge")
                 continue
             if purged:
                 log.info("purged %d expired API keys", purged)
+
+
+def task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @functools.lru_cache(maxsize=1024)

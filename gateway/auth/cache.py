@@ -29,6 +29,7 @@ from gateway.auth.keystore import KeyRecord
 log = logging.getLogger(__name__)
 MAX_ENTRIES = 100_000
 MAX_RETRY_DELAY = 2.0
+PING_INTERVAL = 1.0
 SILENCE_LIMIT = 3.0  # seconds without any message or PONG before the subscription is re-made
 
 
@@ -102,6 +103,7 @@ class RevocationListener:
             try:
                 await self._listen_once()
             except (RedisError, OSError) as exc:
+                _reraise_if_cancelled()
                 log.warning("revocation subscription lost: %s", type(exc).__name__)
                 if self._on_error is not None:
                     self._on_error()
@@ -115,6 +117,9 @@ class RevocationListener:
             delay = min(delay * 2, MAX_RETRY_DELAY)
 
     async def _listen_once(self) -> None:
+        # Subscribe confirmations and PONGs are read as messages on purpose: with
+        # ignore_subscribe_messages, get_message returns None at once after swallowing one, so
+        # None would not mean "a quiet second" (and the loop would spin).
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self._channel)
@@ -122,21 +127,29 @@ class RevocationListener:
             self._cache.clear()
             self._cache.enabled = True
             self.subscribed.set()
-            heard = time.monotonic()
+            heard = pinged = time.monotonic()
             while True:
-                # A bounded wait returns None on silence without dropping the connection; a PING
-                # on silence, and giving up when even that gets no answer, notices a half-open
-                # socket (server gone without a RST) within seconds instead of never.
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is None:
-                    if time.monotonic() - heard > SILENCE_LIMIT:
+                message = await pubsub.get_message(timeout=PING_INTERVAL)
+                now = time.monotonic()
+                if message is not None:
+                    heard = now
+                    if message.get("type") == "message":
+                        data = message["data"]
+                        self._cache.drop(data.decode() if isinstance(data, bytes) else str(data))
+                if now - pinged >= PING_INTERVAL:
+                    # A server gone without a RST (half-open socket) is noticed when even a PING
+                    # gets no answer, within seconds rather than never.
+                    if now - heard > SILENCE_LIMIT:
                         raise ConnectionError("no answer to PING on the revocation subscription")
                     await pubsub.ping()
-                    continue
-                heard = time.monotonic()
-                if message.get("type") == "message":
-                    data = message["data"]
-                    self._cache.drop(data.decode() if isinstance(data, bytes) else str(data))
+                    pinged = now
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _reraise_if_cancelled() -> None:
+    """A cancel that a library turned into an error must still stop the task."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

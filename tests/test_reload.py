@@ -1,0 +1,221 @@
+"""Hot reload (issue 5, SPEC §4): by SIGHUP and by editing the file; bad files change nothing.
+
+Files are always replaced atomically (write, then rename), as a deploy tool would: the watcher
+must never see half a file, so every failure counted here is a failure we caused on purpose.
+To prove that SIGHUP — and not the 1 s file poller — applied a change, the SIGHUP cases write a
+file of the same size and give it back the old mtime: the poller cannot tell it changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import files
+from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
+from tests.support.procs import RedisServer
+from tests.support.rawhttp import parse_response
+from tests.test_metrics import (
+    Reply,
+    Samples,
+    bearer,
+    mint,
+    new_key,
+    observed_config,
+    scrape,
+    send,
+    upload,
+)
+
+PNG_3000 = files.make("png", 3000)
+
+
+@dataclass
+class Reloading:
+    gw: GatewayProc
+    base: dict[str, Any]
+    agent: dict[str, str]
+
+    def post(self, data: bytes = PNG_3000, name: str = "photo.png", ctype: str = "image/png") -> Reply:
+        body, headers = upload(name, ctype, data)
+        return send(self.gw.port, "POST", "/streams/301/objects", body, {**headers, **self.agent})
+
+    def readyz(self) -> dict[str, Any]:
+        reply = send(self.gw.admin_port, "GET", "/readyz")
+        assert reply.status == 200, reply.body  # a refused reload keeps the replica ready
+        return dict(reply.json()["checks"])
+
+    def reloads(self, result: str) -> float:
+        return Samples(scrape(self.gw)).get("config_reloads_total", result=result)
+
+
+@pytest.fixture(scope="module")
+def reloading(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Reloading]:
+    tmp = tmp_path_factory.mktemp("reload")
+    base = observed_config(redis_server, backend_proc, tmp, "ugw-reload")
+    gw = start_gateway(copy.deepcopy(base), tmp)
+    try:
+        secret = mint(gw, new_key(gw, "reload-client"), "role=agent")
+        yield Reloading(gw, base, bearer(secret))
+    finally:
+        gw.stop()
+
+
+def with_agents(base: dict[str, Any], **agents: Any) -> dict[str, Any]:
+    config = copy.deepcopy(base)
+    config["channels"]["default"]["agents"].update(agents)
+    return config
+
+
+def write_atomically(path: Path, text: str, keep_stat: bool = False) -> None:
+    """Replace ``path``; with ``keep_stat`` the new file also keeps the old mtime (same size
+    is the caller's job), so only SIGHUP can make the gateway notice."""
+    before = os.stat(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    if keep_stat:
+        assert len(text.encode()) == before.st_size, "keep_stat needs a same-size file"
+        os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(tmp, path)
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def apply_by_edit(r: Reloading, text: str) -> None:
+    generation = r.readyz()["config_generation"]
+    write_atomically(r.gw.config_path, text)
+    wait_for(lambda: r.readyz()["config_generation"] == generation + 1)
+
+
+def apply_by_sighup(r: Reloading, text: str) -> None:
+    """Same size, old mtime: the poller would never see it; only SIGHUP can load it."""
+    generation = r.readyz()["config_generation"]
+    write_atomically(r.gw.config_path, text, keep_stat=True)
+    time.sleep(1.3)  # more than one poll: prove the poller did not notice
+    assert r.readyz()["config_generation"] == generation
+    r.gw.signal(signal.SIGHUP)
+    wait_for(lambda: r.readyz()["config_generation"] == generation + 1)
+
+
+def dump(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def test_sighup_applies_a_lower_size_limit(reloading: Reloading) -> None:
+    r = reloading
+    apply_by_edit(r, dump(r.base))
+    assert r.post().status == 200
+    successes = r.reloads("success")
+    # "20MB" -> "2000": the same number of characters, so the file keeps its size.
+    apply_by_sighup(r, dump(with_agents(r.base, max_file_size=2000)))
+    refused = r.post()
+    assert refused.status == 413
+    assert refused.json()["limit_bytes"] == 2000
+    assert r.reloads("success") == successes + 1
+
+
+def test_editing_the_file_applies_new_allowed_types(reloading: Reloading) -> None:
+    r = reloading
+    apply_by_edit(r, dump(with_agents(r.base, allowed_types=["documents"])))
+    png = r.post(files.png())
+    assert png.status == 415 and png.json()["code"] == "type_not_allowed"
+    assert r.post(files.pdf(), "invoice.pdf", "application/pdf").status == 200
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), start=1) if needle in line)
+
+
+def test_bad_files_keep_the_running_policy_until_a_good_one_comes(reloading: Reloading) -> None:
+    r = reloading
+    limited = dump(with_agents(r.base, max_file_size=1999))
+    apply_by_edit(r, limited)
+    generation, failures = r.readyz()["config_generation"], r.reloads("failure")
+    path = str(r.gw.config_path)
+
+    # 1. A YAML syntax error, noticed by the poller.
+    broken = limited.replace("channels:\n", "channels: [unclosed\n", 1)
+    write_atomically(r.gw.config_path, broken)
+    wait_for(lambda: r.reloads("failure") == failures + 1)
+    where = re.compile(re.escape(path) + r":(\d+): invalid YAML")
+    logged = where.search(r.gw.log())
+    assert logged is not None and int(logged.group(1)) >= line_of(broken, "[unclosed")
+    checks = r.readyz()
+    assert where.search(checks["config_error"])
+    assert checks["config"] != "ok" and checks["config_generation"] == generation
+    assert r.post().json()["limit_bytes"] == 1999  # the old policy still runs
+
+    # 2. A semantic error (a channel above the 20 MB system cap), by SIGHUP only: "1999" ->
+    # "30MB" keeps the size, and the old mtime is put back, so the poller cannot see it.
+    write_atomically(r.gw.config_path, limited)
+    wait_for(lambda: r.readyz()["config_generation"] == generation + 1)
+    generation = r.readyz()["config_generation"]
+    over_cap = limited.replace("max_file_size: 1999", "max_file_size: 30MB", 1)
+    write_atomically(r.gw.config_path, over_cap, keep_stat=True)
+    r.gw.signal(signal.SIGHUP)
+    wait_for(lambda: r.reloads("failure") == failures + 2)
+    cap_line = line_of(over_cap, "30MB")
+    expected = f"{path}:{cap_line}: channels.default.agents.max_file_size"
+    assert expected in r.gw.log()
+    assert expected in r.readyz()["config_error"]
+    assert r.post().json()["limit_bytes"] == 1999
+    assert r.readyz()["config_generation"] == generation
+
+    # 3. A good file recovers: the new policy runs and the error is gone from /readyz.
+    apply_by_edit(r, dump(r.base))
+    checks = r.readyz()
+    assert checks["config"] == "ok" and checks["config_error"] is None
+    assert r.post().status == 200
+
+
+def chunked_upload(r: Reloading, body: bytes, headers: dict[str, str], split: int) -> socket.socket:
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, **r.agent}.items())
+    sock = socket.create_connection(("127.0.0.1", r.gw.port), timeout=10)
+    sock.sendall(
+        (f"POST /streams/302/objects HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n{head}"
+         "Transfer-Encoding: chunked\r\n\r\n").encode()
+        + b"%x\r\n%s\r\n" % (split, body[:split])
+    )
+    return sock
+
+
+def test_an_inflight_upload_finishes_under_the_policy_it_started_with(reloading: Reloading) -> None:
+    r = reloading
+    apply_by_edit(r, dump(r.base))
+    body, headers = upload("photo.png", "image/png", PNG_3000)
+    sock = chunked_upload(r, body, headers, split=1000)
+    try:
+        time.sleep(0.3)  # the gateway has the headers and 1000 bytes: the request has started
+        generation = r.readyz()["config_generation"]
+        write_atomically(r.gw.config_path, dump(with_agents(r.base, max_file_size=2000)))
+        r.gw.signal(signal.SIGHUP)
+        wait_for(lambda: r.readyz()["config_generation"] > generation)
+        rest = body[1000:]
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    response = parse_response(data)
+    assert response.status == 200, response.body
+    assert b'"success"' in response.body  # the backend stored it
+    assert r.post().status == 413  # a request that starts now gets the new policy
