@@ -1,0 +1,160 @@
+"""Authentication through the real gateway process (issue 3): every refusal is problem+json,
+carries the right challenge, and sends the backend nothing; revocation and rate limits hold
+across two gateway processes sharing one Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+
+from tests.conftest import mint
+from tests.support.gateway_proc import (
+    SIGNING_KEY,
+    BackendProc,
+    GatewayProc,
+    base_config,
+    cli,
+    start_gateway,
+)
+from tests.support.procs import RedisServer
+
+
+def new_key(gateway: GatewayProc, *extra: str) -> tuple[str, str]:
+    out = cli(gateway.config_path, "keys", "add", "--client", "e2e", "--json", *extra)
+    doc = json.loads(out.stdout)
+    return doc["key_id"], doc["api_key"]
+
+
+async def get(url: str, token: str | None) -> tuple[int, dict, aiohttp.typedefs.LooseHeaders]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with aiohttp.ClientSession() as s, s.get(url + "/t/status/200", headers=headers) as r:
+        raw = await r.read()
+        doc = json.loads(raw) if r.content_type == "application/problem+json" else {}
+        return r.status, doc, r.headers
+
+
+def forge(api_key: str | None, **claims: object) -> str:
+    payload: dict[str, object] = {"exp": int(time.time()) + 600, **claims}
+    if api_key is not None:
+        payload["client_secret"] = api_key
+    return jwt.encode(payload, SIGNING_KEY, algorithm="HS256", headers={"kid": "default"})
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [
+        (None, "missing_secret"),
+        ("not-a-jwt", "invalid_secret"),
+        ("FORGED_WRONG_KEY", "invalid_secret"),
+        ("FORGED_EXPIRED", "expired_secret"),
+        ("FORGED_NO_CLIENT_SECRET", "invalid_secret"),
+        ("FORGED_ALG_NONE", "invalid_secret"),
+    ],
+)
+async def test_bad_secrets_are_401_and_reach_nothing(
+    gateway: GatewayProc, backend: BackendProc, api_key: str, token: str | None, code: str
+) -> None:
+    if token == "FORGED_WRONG_KEY":
+        token = jwt.encode({"exp": int(time.time()) + 60, "client_secret": api_key},
+                           "another-key-entirely-0123456789abcdef", algorithm="HS256")
+    elif token == "FORGED_EXPIRED":
+        token = forge(api_key, exp=int(time.time()) - 3600)
+    elif token == "FORGED_NO_CLIENT_SECRET":
+        token = forge(None)
+    elif token == "FORGED_ALG_NONE":
+        token = jwt.encode({"exp": int(time.time()) + 60, "client_secret": api_key}, None,
+                           algorithm="none")
+    status, doc, headers = await get(gateway.url, token)
+    assert status == 401
+    assert doc["code"] == code
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    if token is not None:
+        assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert backend.records() == []
+    assert api_key not in json.dumps(doc)
+
+
+async def test_an_unknown_key_is_403(gateway: GatewayProc, backend: BackendProc) -> None:
+    status, doc, _ = await get(gateway.url, forge("ugw_never_issued_0000000000000000"))
+    assert status == 403 and doc["code"] == "key_not_active"
+    assert backend.records() == []
+
+
+async def test_ip_allow_list(gateway: GatewayProc, backend: BackendProc) -> None:
+    _, outside = new_key(gateway, "--allow-ip", "10.0.0.0/8")
+    status, doc, _ = await get(gateway.url, mint(gateway, outside))
+    assert status == 403 and doc["code"] == "ip_not_allowed"
+    assert backend.records() == []
+    _, inside = new_key(gateway, "--allow-ip", "10.0.0.0/8", "--allow-ip", "127.0.0.0/8")
+    status, _, _ = await get(gateway.url, mint(gateway, inside))
+    assert status == 200
+
+
+@pytest.fixture
+def second_gateway(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path, gateway: GatewayProc
+) -> Iterator[GatewayProc]:
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["auth"]["cache_ttl"] = "60s"  # a long cache: only the revocation message can clear it
+    other = start_gateway(config, tmp_path)
+    yield other
+    other.stop()
+
+
+async def test_revocation_reaches_every_running_gateway_within_a_second(
+    gateway: GatewayProc, second_gateway: GatewayProc, backend: BackendProc
+) -> None:
+    key_id, api_key = new_key(gateway)
+    token = mint(gateway, api_key)
+    for gw in (gateway, second_gateway):  # both now hold an "active" verdict in their cache
+        assert (await get(gw.url, token))[0] == 200
+    cli(gateway.config_path, "keys", "revoke", key_id)
+    revoked_at = time.monotonic()
+    pending = {gateway.url, second_gateway.url}
+    while pending and time.monotonic() - revoked_at < 1.0:
+        for url in list(pending):
+            if (await get(url, token))[0] == 403:
+                pending.discard(url)
+    assert not pending, f"still accepted more than 1 s after revocation by {pending}"
+    backend.clear()
+    for gw in (gateway, second_gateway):
+        status, doc, _ = await get(gw.url, token)
+        assert status == 403 and doc["code"] == "key_not_active"
+    assert backend.records() == []
+
+
+async def test_the_rate_limit_is_shared_by_two_gateways(
+    gateway: GatewayProc, second_gateway: GatewayProc, backend: BackendProc
+) -> None:
+    _, api_key = new_key(gateway, "--rate-limit", "6/60s")
+    token = mint(gateway, api_key)
+    statuses = [(await get(gw.url, token))[0] for gw in (gateway, second_gateway) * 3]
+    assert statuses == [200] * 6
+    backend.clear()
+    for gw in (gateway, second_gateway):
+        status, doc, headers = await get(gw.url, token)
+        assert status == 429 and doc["code"] == "rate_limited"
+        assert int(headers["Retry-After"]) >= 1
+    assert backend.records() == []
+
+
+async def test_rotation_keeps_the_old_key_during_the_overlap_only(
+    gateway: GatewayProc, backend: BackendProc
+) -> None:
+    out = cli(gateway.config_path, "keys", "add", "--client", "rotating", "--json")
+    old = json.loads(out.stdout)["api_key"]
+    out = cli(gateway.config_path, "keys", "rotate", "--client", "rotating", "--overlap", "2s",
+              "--json")
+    new = json.loads(out.stdout)["api_key"]
+    old_token, new_token = mint(gateway, old), mint(gateway, new)
+    assert (await get(gateway.url, old_token))[0] == 200
+    assert (await get(gateway.url, new_token))[0] == 200
+    time.sleep(2.2)
+    assert (await get(gateway.url, old_token))[0] == 403
+    assert (await get(gateway.url, new_token))[0] == 200
