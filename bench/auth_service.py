@@ -7,8 +7,8 @@ gateway's active-key set (``ZSCORE {prefix}:keys digest`` > now, the layout of
 revocation channel to stay correct, which is exactly the work the gateway does). 204 lets nginx
 go on, 401/403 stop it. No IP allow-list, rate limit or type inspection: nginx cannot inspect.
 
-    GATEWAY_SIGNING_KEY=... python -m bench.auth_service --port 18082 --redis-url URL \
-        --key-prefix upload-gateway --processes 2
+    GATEWAY_SIGNING_KEY=... BENCH_REDIS_URL=redis://... python -m bench.auth_service \
+        --port 18082 --key-prefix upload-gateway --processes 2
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _serve(port: int, redis_url: str, key_prefix: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
     parser.add_argument("--key-prefix", default="upload-gateway")
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()

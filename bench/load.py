@@ -18,6 +18,8 @@ from bench.payloads import UPLOAD_PATH, Body
 from bench.peers import Peer
 from bench.stack import BENCH
 
+# what the gateway's revocation listener sends on its own, per worker, request or not
+BACKGROUND_COMMANDS = frozenset({"ping", "subscribe"})
 _WRKJSON = re.compile(r"^WRKJSON (\{.*\})$", re.MULTILINE)
 
 
@@ -32,9 +34,11 @@ class RunResult:
     rps: float = 0.0
     mib_per_s: float = 0.0  # upload bytes (whole multipart body) per second
     rps_littles_law: float = 0.0  # conns / mean latency: a cross-check free of end-of-run cut-off
+    body_bytes: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
-    redis_commands_per_request: float | None = None
+    redis_commands_per_request: float | None = None  # background PINGs (1/s/worker) left out
+    load_avg_1m: float = 0.0  # the machine's load when the run started: other work on the box
     redis_commands: dict[str, int] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # pid -> max VmRSS seen
     note: str = ""
@@ -129,6 +133,7 @@ def measure(
 ) -> RunResult:
     """One wrk run against ``peer`` with everything we want to know about it."""
     pids = peer.worker_pids()
+    load1 = float(Path("/proc/loadavg").read_text().split()[0])
     before = redis_calls(redis_client)
     with RssSampler(pids) as rss:
         raw = wrk(peer.url, body, headers_file, conns, duration)
@@ -137,6 +142,7 @@ def measure(
     requests = int(raw["requests"])
     ok = requests - int(raw["errors"]["status"])
     result = RunResult(peer.name, body.label, conns, rep, round(seconds, 3), requests)
+    result.body_bytes = body.size
     result.rps = round(ok / seconds, 1)
     result.mib_per_s = round(ok * body.size / seconds / 1048576, 1)
     lat = raw["latency_us"]
@@ -146,7 +152,9 @@ def measure(
     result.errors = {k: int(v) for k, v in raw["errors"].items() if v}
     result.redis_commands = delta
     if requests:
-        result.redis_commands_per_request = round(sum(delta.values()) / requests, 3)
+        hot = sum(n for cmd, n in delta.items() if cmd not in BACKGROUND_COMMANDS)
+        result.redis_commands_per_request = round(hot / requests, 3)
+    result.load_avg_1m = load1
     result.peak_rss_mib = {str(pid): round(kib / 1024, 1) for pid, kib in rss.peak_kib.items()}
     if ok < 5 * conns:
         result.note = (

@@ -8,11 +8,13 @@ actually is) and *inclusive* time by function (which stage of the request path c
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,18 +52,44 @@ def record(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.P
 
 
 def profile_during(pid: int, seconds: float, out: Path, load: Any) -> dict[str, Any]:
-    """Run ``load()`` (a wrk run) while py-spy samples ``pid``; summarise the samples."""
+    """Run ``load()`` (a wrk run) while py-spy samples ``pid``; summarise the samples.
+
+    Also the CPU each thread of the process used meanwhile (from /proc): the ground truth for
+    "is the event loop thread saturated", which sampling profiles blur (py-spy may count a
+    pool thread waiting on its queue as busy).
+    """
+    before, started = thread_cpu(pid), time.monotonic()
     spy = record(pid, seconds, out)
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(load=load()), daemon=True)
     thread.start()
     _, err = spy.communicate(timeout=seconds + 60)
+    after, elapsed = thread_cpu(pid), time.monotonic() - started
     thread.join(seconds + 180)
     if spy.returncode != 0 or not out.exists():
         raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
     summary = summarise(out.read_text())
     summary["load"] = result.get("load")
+    main = (after.get(pid, 0.0) - before.get(pid, 0.0)) / elapsed
+    others = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid) / elapsed
+    summary["cpu_pct"] = {
+        "event_loop_thread": round(100 * main, 1),
+        "other_threads": round(100 * others, 1),
+    }
     return summary
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each thread of ``pid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 def _short(frame: str) -> str:
@@ -77,34 +105,49 @@ def _short(frame: str) -> str:
 
 
 def summarise(raw: str, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares per function, and per package, from collapsed stacks."""
+    """Sample shares from collapsed stacks: for the event-loop thread, self and inclusive time
+    per function and self time per package; for the pool threads (``asyncio.to_thread``,
+    aiofiles), what they ran. Shares are of all samples, so they add up across the two."""
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
-    total = 0
+    pool: Counter[str] = Counter()
+    total = loop_total = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
+        frames = [_short(f) for f in stack.split(";") if f]
+        if not frames or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_short(f) for f in stack.split(";") if f]
-        if not frames:
-            continue
         total += count
+        if any(f.startswith("Thread._bootstrap ") for f in frames):
+            pool[_pool_task(frames)] += count
+            continue
+        loop_total += count
         self_time[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
         by_package[_package(frames[-1])] += count
 
     def share(counter: Counter[str]) -> list[list[Any]]:
-        return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)]
+        return [[name, round(100 * n / max(total, 1), 1)] for name, n in counter.most_common(top)]
 
     return {
         "samples": total,
+        "event_loop_samples_pct": round(100 * loop_total / max(total, 1), 1),
         "self_pct": share(self_time),
         "inclusive_pct": share(inclusive),
         "self_by_package_pct": share(by_package),
+        "pool_threads_pct": share(pool),
     }
+
+
+def _pool_task(frames: list[str]) -> str:
+    """What a pool thread was doing: the callable under ``_WorkItem.run``, else waiting."""
+    for i, frame in enumerate(frames):
+        if frame.startswith("_WorkItem.run "):
+            return frames[i + 1] if i + 1 < len(frames) else "C call via _WorkItem.run"
+    return "_worker: waiting for work (py-spy may count this as busy)"
 
 
 def _package(frame: str) -> str:
@@ -117,10 +160,21 @@ def _package(frame: str) -> str:
 
 
 def render(name: str, summary: dict[str, Any]) -> str:
-    lines = [f"## {name}: {summary['samples']} samples", "", "self % | function", "---:|---"]
+    cpu = summary.get("cpu_pct", {})
+    lines = [
+        f"## {name}: {summary['samples']} samples",
+        "",
+        f"CPU meanwhile: event-loop thread {cpu.get('event_loop_thread')} %, other threads "
+        f"{cpu.get('other_threads')} %.",
+        "",
+        "self % | function",
+        "---:|---",
+    ]
     lines += [f"{pct} | `{fn}`" for fn, pct in summary["self_pct"]]
     lines += ["", "inclusive % | function", "---:|---"]
     lines += [f"{pct} | `{fn}`" for fn, pct in summary["inclusive_pct"]]
     lines += ["", "self % by package | package", "---:|---"]
     lines += [f"{pct} | `{pkg}`" for pkg, pct in summary["self_by_package_pct"]]
+    lines += ["", "pool threads % | running", "---:|---"]
+    lines += [f"{pct} | `{task}`" for task, pct in summary["pool_threads_pct"]]
     return "\n".join(lines) + "\n"

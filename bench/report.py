@@ -31,6 +31,11 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
             "rps": round(statistics.median(r["rps"] for r in group), 1),
             "mib_per_s": round(statistics.median(r["mib_per_s"] for r in group), 1),
             "p99_ms": round(statistics.median(r["latency_ms"].get("p99", 0) for r in group), 2),
+            "mib_per_s_littles_law": round(
+                statistics.median(r["rps_littles_law"] * r["body_bytes"] for r in group) / 1048576,
+                1,
+            ),
+            "load_avg_1m": round(statistics.median(r["load_avg_1m"] for r in group), 2),
             "rps_all": [r["rps"] for r in group],
             "errors": sum(sum(r["errors"].values()) for r in group),
             "redis_per_request": _median_or_none(r["redis_commands_per_request"] for r in group),
@@ -208,7 +213,33 @@ def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
     for t in rows:
         verdict = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
         fig = "-" if t["figure"] is None else f"{t['figure']:g}"
-        lines.append(f"| {t['target']} | {fig} | {t['goal']} | {verdict} |")
+        lines.append(f"| {t['target']} | {fig} | {t['goal']} | {verdict} | {t['detail']} |")
+    return lines
+
+
+def _littles_md(result: dict[str, Any], peers: list[str]) -> list[str]:
+    """Large bodies: wrk counts only completed requests, so a run cut off with 16-64 uploads
+    of 20 MB in flight under-counts; conns / mean latency (Little's law) does not."""
+    med = result["medians"]
+    cells = [c for c in result["cells"] if not c.startswith("10KB")]
+    lines = [
+        "",
+        "## MiB/s by Little's law (connections / mean latency), cross-check for large bodies",
+        "",
+        "| body | conns | " + " | ".join(peers) + " | w2 / buffered | load avg |",
+        "|---|---:|" + "---:|" * len(peers) + "---:|---:|",
+    ]
+    for cell in cells:
+        size, conns = cell.split("/c")
+        values = [_get(med, p, cell, "mib_per_s_littles_law") for p in peers]
+        row = ["-" if v is None else f"{v:,.0f}" for v in values]
+        ratio = _ratio(
+            _get(med, "gateway-w2", cell, "mib_per_s_littles_law"),
+            _get(med, "nginx-buffered", cell, "mib_per_s_littles_law"),
+        )
+        loads = [_get(med, p, cell, "load_avg_1m") for p in peers]
+        load = max((v for v in loads if v is not None), default=0.0)
+        lines.append(f"| {size} | {conns} | " + " | ".join(row) + f" | {_x(ratio)} | {load:g} |")
     return lines
 
 
@@ -226,12 +257,14 @@ def _extras_md(result: dict[str, Any], peers: list[str]) -> list[str]:
             f"{r['p99_ms']} | {r['max_ms']} |"
         )
     med = result["medians"]
+    lines += _littles_md(result, peers)
     lines += [
         "",
         "## Redis commands per request, peak RSS per process",
         "",
-        "Redis: INFO commandstats delta over the run / requests (a pipeline of N commands "
-        "is one round trip). RSS: max VmRSS of any serving process of the peer.",
+        "Redis: INFO commandstats delta over the run / requests, without the PINGs each gateway "
+        "worker's revocation listener sends once a second (a pipeline of N commands is one "
+        "round trip). RSS: max VmRSS, sampled every 50 ms, of any serving process of the peer.",
         "",
         "| body | conns | " + " | ".join(f"{p} redis / RSS MiB" for p in peers) + " |",
         "|---|---:|" + "---:|" * len(peers),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,7 @@ class Stack:
     work: Path
     procs: list[Proc] = field(default_factory=list)
     redis: RedisServer | None = None
+    redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
         self.work = self.work.resolve()  # nginx -p resolves relative paths against its prefix
@@ -129,8 +131,15 @@ class Stack:
         return proc
 
     def start_redis(self) -> RedisServer:
-        self.redis = RedisServer().start()
+        """redis-server with a password: other programs on this machine that happen to dial a
+        reused port (tests restarting their own Redis) must not add commands to our counts."""
+        self.redis = RedisServer().start(["--requirepass", self.redis_password])
         return self.redis
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None
+        return f"redis://:{self.redis_password}@127.0.0.1:{self.redis.port}/0"
 
     def start_sink(self, processes: int = 2) -> Proc:
         port = free_port()
@@ -155,14 +164,13 @@ class Stack:
             "bench.auth_service",
             "--port",
             str(port),
-            "--redis-url",
-            redis_url,
             "--key-prefix",
             key_prefix,
             "--processes",
             str(processes),
         ]
-        return self.start("auth-service", argv, port, {"GATEWAY_SIGNING_KEY": signing_key})
+        env = {"GATEWAY_SIGNING_KEY": signing_key, "BENCH_REDIS_URL": redis_url}
+        return self.start("auth-service", argv, port, env)
 
     def start_nginx(self, name: str, template: str, **values: int) -> Proc:
         """nginx from ``bench/nginx/<template>`` with its own prefix, temp dirs and logs."""

@@ -34,7 +34,9 @@ async def _readyz(request: web.Request) -> web.Response:
     checks = {
         "redis": "ok" if redis_ok else "unreachable",
         "backend": "ok" if backend_ok else "unreachable",
-        "config": "ok" if state.config.last_error is None else "last reload failed, old policy kept",
+        "config": "ok"
+        if state.config.last_error is None
+        else "last reload failed, old policy kept",
         "config_generation": state.config.generation,
         # The reason a reload was refused (FILE:LINE: key: message), so an operator sees why the
         # new policy is not live without grepping the log; None once a good file loaded.
@@ -43,7 +45,8 @@ async def _readyz(request: web.Request) -> web.Response:
     }
     ready = redis_ok and backend_ok and not state.draining
     return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
     )
 
 

@@ -192,6 +192,9 @@ def _refuse(
     error: GatewayError,
 ) -> web.Response:
     record.reason = error.code
+    if record.channel is not None and record.role is None:
+        role = error.fields.get("role")
+        record.role = role if role in ("agent", "customer") else None
     response = problem_response(error, record.request_id)
     if request.body_exists and not request.content.at_eof():
         # Unread body: draining up to 50 MB only to keep the connection is not worth it.

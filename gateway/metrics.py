@@ -32,7 +32,23 @@ SIZE_BUCKETS = (
 )
 # Milliseconds (a cached auth verdict) to minutes (a 20 MB upload over a slow mobile link).
 DURATION_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
 )
 
 
@@ -49,76 +65,115 @@ class Metrics:
         reg = None if multiprocess_enabled() else self.registry
         p = PREFIX
         self.requests = Counter(
-            p + "requests_total", "Requests answered, by route and status.",
-            ["route", "method", "status"], registry=reg,
+            p + "requests_total",
+            "Requests answered, by route and status.",
+            ["route", "method", "status"],
+            registry=reg,
         )
         self.request_duration = Histogram(
-            p + "request_duration_seconds", "Time from request start to the end of the response.",
-            ["route"], buckets=DURATION_BUCKETS, registry=reg,
+            p + "request_duration_seconds",
+            "Time from request start to the end of the response.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
         )
         self.uploads = Counter(
-            p + "uploads_total", "Upload requests by channel, role and outcome.",
-            ["channel", "role", "outcome"], registry=reg,
+            p + "uploads_total",
+            "Upload requests by channel, role and outcome.",
+            ["channel", "role", "outcome"],
+            registry=reg,
         )
         self.rejections = Counter(
-            p + "rejections_total", "Requests the gateway refused, by reason (error code).",
-            ["reason", "channel"], registry=reg,
+            p + "rejections_total",
+            "Requests the gateway refused, by reason (error code).",
+            ["reason", "channel"],
+            registry=reg,
         )
         self.would_reject = Counter(
             p + "report_mode_would_reject_total",
             "Uploads that mode: report let through but enforce would have refused.",
-            ["reason", "channel"], registry=reg,
+            ["reason", "channel"],
+            registry=reg,
         )
         self.received_bytes = Counter(
-            p + "received_bytes_total", "Request body bytes read from clients.", ["route"],
+            p + "received_bytes_total",
+            "Request body bytes read from clients.",
+            ["route"],
             registry=reg,
         )
         self.rejected_received_bytes = Counter(
             p + "rejected_received_bytes_total",
-            "Body bytes read from clients for requests that were then refused.", registry=reg,
+            "Body bytes read from clients for requests that were then refused.",
+            registry=reg,
         )
         self.forwarded_bytes = Counter(
-            p + "forwarded_bytes_total", "Request body bytes sent to the backend.", ["route"],
+            p + "forwarded_bytes_total",
+            "Request body bytes sent to the backend.",
+            ["route"],
             registry=reg,
         )
         self.upload_size = Histogram(
-            p + "upload_file_size_bytes", "Size of each inspected file part.", ["channel", "role"],
-            buckets=SIZE_BUCKETS, registry=reg,
+            p + "upload_file_size_bytes",
+            "Size of each inspected file part.",
+            ["channel", "role"],
+            buckets=SIZE_BUCKETS,
+            registry=reg,
         )
         self.backend_duration = Histogram(
-            p + "backend_duration_seconds", "Time until the backend's response headers arrive.",
-            ["route"], buckets=DURATION_BUCKETS, registry=reg,
+            p + "backend_duration_seconds",
+            "Time until the backend's response headers arrive.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
         )
         self.backend_errors = Counter(
-            p + "backend_errors_total", "Backend failures by kind.", ["kind"], registry=reg,
+            p + "backend_errors_total",
+            "Backend failures by kind.",
+            ["kind"],
+            registry=reg,
         )
         self.auth_failures = Counter(
-            p + "auth_failures_total", "Authentication failures by reason.", ["reason"],
+            p + "auth_failures_total",
+            "Authentication failures by reason.",
+            ["reason"],
             registry=reg,
         )
         self.auth_cache = Counter(
-            p + "auth_cache_lookups_total", "Active-key verdict cache lookups.", ["result"],
+            p + "auth_cache_lookups_total",
+            "Active-key verdict cache lookups.",
+            ["result"],
             registry=reg,
         )
         self.redis_errors = Counter(
-            p + "redis_errors_total", "Redis commands that failed or timed out.", ["operation"],
+            p + "redis_errors_total",
+            "Redis commands that failed or timed out.",
+            ["operation"],
             registry=reg,
         )
         self.inflight_uploads = Gauge(
-            p + "inflight_uploads", "Uploads being received or forwarded now.",
-            multiprocess_mode="livesum", registry=reg,
+            p + "inflight_uploads",
+            "Uploads being received or forwarded now.",
+            multiprocess_mode="livesum",
+            registry=reg,
         )
         self.spool_bytes = Gauge(
-            p + "spool_bytes", "Bytes held in spools (memory and disk) now.",
-            multiprocess_mode="livesum", registry=reg,
+            p + "spool_bytes",
+            "Bytes held in spools (memory and disk) now.",
+            multiprocess_mode="livesum",
+            registry=reg,
         )
         self.config_reloads = Counter(
-            p + "config_reloads_total", "Configuration reloads by result.", ["result"],
+            p + "config_reloads_total",
+            "Configuration reloads by result.",
+            ["result"],
             registry=reg,
         )
         self.build_info = Gauge(
-            p + "build_info", "Always 1; labels carry the version.", ["version"],
-            multiprocess_mode="max", registry=reg,
+            p + "build_info",
+            "Always 1; labels carry the version.",
+            ["version"],
+            multiprocess_mode="max",
+            registry=reg,
         )
         self.build_info.labels(version=__version__).set(1)
 

@@ -1,4 +1,4 @@
-"""The one place a Redis client is built from :class:`RedisConfig` (Sentinel/Cluster go here later).
+"""The one place a Redis client is built from :class:`RedisConfig`: one server, Sentinel or Cluster.
 
 Choices, each from a redis-py pitfall:
 
@@ -15,37 +15,154 @@ Choices, each from a redis-py pitfall:
 * ``Retry(ExponentialBackoff)`` with two retries on ConnectionError: a connection the server closed
   (restart, idle timeout) is re-made transparently instead of failing one request per pooled
   connection; ``health_check_interval`` PINGs a connection idle for long before reusing it.
+
+Sentinel (``redis.sentinels``): redis-py's ``Sentinel(...).master_for(service)``, whose connections
+ask the sentinels for the master's address whenever they (re)connect; a ConnectionError, or a
+ReadOnlyError from a primary demoted to replica, drops the connection, so the retry above lands on
+the new primary once the sentinels have promoted it. Until then requests fail closed (503). The pool
+is the same blocking pool (see :class:`BlockingSentinelPool`); db, username and password still come
+from ``redis.url``, whose host and port are ignored. Closing the client also closes the sentinel
+connections (:class:`SentinelRedis`).
+
+Cluster (``redis.cluster: true``): ``RedisCluster`` seeded with ``redis.url``'s host and port (any
+one node, or a Service name that resolves to some node; the client learns every node from
+``CLUSTER SLOTS``). Its pools are per node and do not block: ``pool_size`` is the limit per node and
+a burst past it fails closed at once (MaxConnectionsError is a ConnectionError). The key layout uses
+the ``{key_prefix}`` hash tag, so every multi-key operation stays on one slot.
+
+Errors: besides RedisError, the cluster client raises ``RedisClusterException`` (not a RedisError)
+when no node can be reached or a slot has no owner; :data:`REDIS_ERRORS` names everything a caller
+must treat as "Redis unavailable".
 """
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config.model import RedisConfig
 
 RETRIES = 2
 HEALTH_CHECK_INTERVAL = 30  # seconds idle before a pooled connection is PINGed before use
 
+RedisClient: TypeAlias = Redis | RedisCluster
+"""What :func:`build_redis` returns; every command the gateway uses exists on both."""
 
-def build_redis(config: RedisConfig, *, client_name: str = "upload-gateway") -> Redis:
-    """A redis.asyncio client that owns its pool: ``await client.aclose()`` closes both."""
-    if config.sentinels or config.cluster:
-        raise NotImplementedError("redis.sentinels and redis.cluster are not supported yet")
-    pool = BlockingConnectionPool.from_url(
-        config.url,
-        max_connections=config.pool_size,
-        timeout=config.timeout,
-        socket_timeout=config.timeout,
-        socket_connect_timeout=config.timeout,
-        socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-        # Only a dropped connection is retried: a timeout means a slow server, and asking again
-        # would multiply the stall every request sees before its 503.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES, (RedisConnectionError,)),
-        client_name=client_name,
-        decode_responses=True,
-    )
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+"""Exceptions meaning "Redis cannot answer now": callers fail closed on any of them."""
+
+
+def build_redis(config: RedisConfig, *, client_name: str = "upload-gateway") -> RedisClient:
+    """A redis.asyncio client that owns its pool(s): ``await client.aclose()`` closes all."""
+    if config.sentinels:
+        return _sentinel_client(config, client_name)
+    if config.cluster:
+        return _cluster_client(config, client_name)
+    pool = BlockingConnectionPool.from_url(config.url, **_connection_options(config, client_name))
     return Redis.from_pool(pool)
+
+
+async def pubsub(client: RedisClient) -> PubSub:
+    """A PubSub on ``client``. A cluster client is initialized first: its ClusterPubSub looks the
+    channel's slot up in a slot table that stays empty until the first command (KeyError otherwise).
+    The subscription then lives on the node owning the channel's slot; that is enough because a
+    PUBLISH on any node of a Redis Cluster is broadcast to every node."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return client.pubsub()
+
+
+def _retry() -> Retry:
+    # Only a dropped connection is retried: a timeout means a slow server, and asking again
+    # would multiply the stall every request sees before its 503.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES, (RedisConnectionError,))
+
+
+def _connection_options(config: RedisConfig, client_name: str) -> dict[str, Any]:
+    return {
+        "max_connections": config.pool_size,
+        "timeout": config.timeout,
+        "socket_timeout": config.timeout,
+        "socket_connect_timeout": config.timeout,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": _retry(),
+        "client_name": client_name,
+        "decode_responses": True,
+    }
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel address discovery with the blocking pool's bounded wait for a free connection.
+
+    The MRO puts SentinelConnectionPool's connection handling in front of BlockingConnectionPool's
+    ``get_connection``/``release``, which wait on a condition instead of raising at once.
+    """
+
+
+class SentinelRedis(Redis):
+    """A master client that also closes the Sentinel's own connections on ``aclose``."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.sentinel_manager is not None:
+                await self.sentinel_manager.aclose()
+
+
+def _sentinel_client(config: RedisConfig, client_name: str) -> Redis:
+    options = _connection_options(config, client_name)
+    url = parse_url(config.url)
+    for name in ("db", "username", "password"):
+        if url.get(name) is not None:
+            options[name] = url[name]
+    if url.get("connection_class") is SSLConnection:
+        options["connection_class"] = SentinelManagedSSLConnection
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [(hp.host, hp.port) for hp in config.sentinels],
+        sentinel_kwargs={
+            "socket_timeout": config.timeout,
+            "socket_connect_timeout": config.timeout,
+            "client_name": client_name + "-sentinel",
+            "decode_responses": True,
+        },
+    )
+    client = sentinel.master_for(
+        config.sentinel_service,
+        redis_class=SentinelRedis,
+        connection_pool_class=BlockingSentinelPool,
+        **options,
+    )
+    assert isinstance(client, SentinelRedis)
+    client.sentinel_manager = sentinel
+    return client
+
+
+def _cluster_client(config: RedisConfig, client_name: str) -> RedisCluster:
+    options = _connection_options(config, client_name)
+    del options["timeout"]  # the cluster's per-node pools do not block (see the module docstring)
+    url: dict[str, Any] = dict(parse_url(config.url))
+    if url.pop("db", 0) not in (0, "0"):
+        raise ValueError(
+            "redis.cluster: a Redis Cluster has only database 0; use .../0 in redis.url"
+        )
+    if url.pop("connection_class", None) is SSLConnection:
+        url["ssl"] = True
+    options.update(url)
+    return RedisCluster(**options)

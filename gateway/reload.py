@@ -18,6 +18,7 @@ from gateway.state import ConfigHolder
 
 LOGGER = logging.getLogger("upload_gateway.reload")
 POLL_SECONDS = 1.0
+SETTLE_SECONDS = 0.1
 
 
 class ConfigWatcher:
@@ -62,5 +63,11 @@ class ConfigWatcher:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            if self._stat() != self._mtime:
+            seen = self._stat()
+            if seen == self._mtime:
+                continue
+            # A file written in place (not renamed over) may be caught half-written: wait until
+            # it stops changing, so an editor's save is not logged and counted as a failure.
+            await asyncio.sleep(SETTLE_SECONDS)
+            if self._stat() == seen:
                 self.reload_now()

@@ -8,6 +8,7 @@ not only the access lines: a key leaked by an error message is as bad as one in 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gateway.accesslog import JsonFormatter
 from tests.support import files
 from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
 from tests.support.procs import RedisServer
@@ -115,14 +117,25 @@ def test_a_refusal_gives_its_reason_and_sends_nothing_on(logged: Logged) -> None
 
 
 def test_auth_failures_are_logged_without_a_client(logged: Logged) -> None:
-    assert (logged.line("forged")["status"], logged.line("forged")["reason"]) == (401, "invalid_secret")
-    assert (logged.line("unknown")["status"], logged.line("unknown")["reason"]) == (403, "key_not_active")
+    assert (logged.line("forged")["status"], logged.line("forged")["reason"]) == (
+        401,
+        "invalid_secret",
+    )
+    assert (logged.line("unknown")["status"], logged.line("unknown")["reason"]) == (
+        403,
+        "key_not_active",
+    )
     assert "client_id" not in logged.line("forged")
 
 
 def test_a_pass_through_request_counts_its_bytes(logged: Logged) -> None:
     entry = logged.line("plain")
-    assert (entry["route"], entry["status"], entry["bytes_in"], entry["bytes_out"]) == ("proxy", 200, 700, 700)
+    assert (entry["route"], entry["status"], entry["bytes_in"], entry["bytes_out"]) == (
+        "proxy",
+        200,
+        700,
+        700,
+    )
     assert "channel" not in entry
 
 
@@ -150,3 +163,18 @@ def test_log_level_warning_turns_access_lines_off(
     log = gw.log()
     assert "quiet-1" not in log and '"request_id"' not in log
     assert "listening on" not in log  # INFO records are off too
+
+
+def test_other_log_records_can_be_json_too() -> None:
+    """``JsonFormatter`` (for the non-access records) keeps a multi-line, quoted message whole,
+    as a failed reload's ``FILE:LINE: key: message`` list is."""
+    message = "config reload failed:\n/etc/p.yaml:4: channels.default: 'x' is \"bad\""
+    record = logging.LogRecord(
+        "upload_gateway.reload", logging.ERROR, __file__, 1, message, (), None
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["level"], entry["logger"], entry["msg"]) == (
+        "ERROR",
+        "upload_gateway.reload",
+        message,
+    )

@@ -52,7 +52,9 @@ def send(
     try:
         conn.request(method, path, body=body or None, headers=headers or {})
         response = conn.getresponse()
-        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        return Reply(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        )
     finally:
         conn.close()
 
@@ -122,7 +124,9 @@ def upload(name: str, content_type: str, data: bytes) -> tuple[bytes, dict[str, 
     return body, {"Content-Type": ctype}
 
 
-def observed_config(redis: RedisServer, backend: BackendProc, tmp: Path, prefix: str) -> dict[str, Any]:
+def observed_config(
+    redis: RedisServer, backend: BackendProc, tmp: Path, prefix: str
+) -> dict[str, Any]:
     """base_config plus a ``tiny`` channel (2000-byte agent limit) so a 413 needs a 3 KB body."""
     config = base_config(redis.url, backend.url, tmp / "spool")
     config["redis"]["key_prefix"] = prefix
@@ -154,39 +158,44 @@ class Step:
 
 def script(agent: str, customer: str, unknown_key: str) -> list[Step]:
     """The known mix: 4 accepted uploads, 7 refusals of 7 kinds, 3 pass-through requests."""
-    png, pdf = files.png(), files.pdf()
-    big_png = files.make("png", 3000)
+    png, pdf, zipped, elf = files.png(), files.pdf(), files.zip_archive(), files.elf()
     a, c = bearer(agent), bearer(customer)
+    # path, auth, (filename, declared type, data), status, route, channel, role, reason
+    uploads: list[tuple[str, dict[str, str], tuple[str, str, bytes], int, str, Any, Any, Any]] = [
+        ("/streams/101/objects", a, ("photo.png", "image/png", png), 200, OBJECTS,
+         "default", "agent", None),
+        ("/streams/101/objects", a, ("invoice.pdf", "application/pdf", pdf), 200, OBJECTS,
+         "default", "agent", None),
+        ("/streams/102/objects/7/child", a, ("invoice.pdf", "application/pdf", pdf), 200, CHILD,
+         "default", "agent", None),
+        ("/streams/103/objects", c, ("photo.png", "image/png", png), 200, OBJECTS,
+         "default", "customer", None),
+        ("/streams/tiny/objects", a, ("photo.png", "image/png", files.make("png", 3000)), 413,
+         OBJECTS, "tiny", "agent", "file_too_large"),
+        ("/streams/104/objects", c, ("bundle.zip", "application/zip", zipped), 415, OBJECTS,
+         "default", "customer", "type_not_allowed"),
+        ("/streams/105/objects", a, ("invoice.pdf", "application/pdf", elf), 415, OBJECTS,
+         "default", "agent", "type_mismatch"),
+        # No role claim: the role could still come from the form, so the body is read first.
+        ("/streams/whatsapp/objects", c, ("photo.png", "image/png", png), 403, OBJECTS,
+         "whatsapp", "customer", "uploads_disabled"),
+        # Authentication comes first: these never get as far as matching the upload route.
+        ("/streams/106/objects", {}, ("photo.png", "image/png", png), 401, "proxy",
+         None, None, "missing_secret"),
+        ("/streams/106/objects", bearer("not.a.jwt"), ("photo.png", "image/png", png), 401,
+         "proxy", None, None, "invalid_secret"),
+        ("/streams/106/objects", bearer(unknown_key), ("photo.png", "image/png", png), 403,
+         "proxy", None, None, "key_not_active"),
+    ]  # fmt: skip
     steps = []
-
-    def up(path: str, auth: dict[str, str], name: str, ctype: str, data: bytes, **kw: Any) -> None:
-        body, headers = upload(name, ctype, data)
-        steps.append(Step("POST", path, body, {**headers, **auth}, **kw))
-
-    up("/streams/101/objects", a, "photo.png", "image/png", png, status=200, route=OBJECTS,
-       channel="default", role="agent", file_size=len(png), forwards=True)
-    up("/streams/101/objects", a, "invoice.pdf", "application/pdf", pdf, status=200,
-       route=OBJECTS, channel="default", role="agent", file_size=len(pdf), forwards=True)
-    up("/streams/102/objects/7/child", a, "invoice.pdf", "application/pdf", pdf, status=200,
-       route=CHILD, channel="default", role="agent", file_size=len(pdf), forwards=True)
-    up("/streams/103/objects", c, "photo.png", "image/png", png, status=200, route=OBJECTS,
-       channel="default", role="customer", file_size=len(png), forwards=True)
-    up("/streams/tiny/objects", a, "photo.png", "image/png", big_png, status=413, route=OBJECTS,
-       channel="tiny", role="agent", reason="file_too_large")
-    up("/streams/104/objects", c, "bundle.zip", "application/zip", files.zip_archive(),
-       status=415, route=OBJECTS, channel="default", role="customer", reason="type_not_allowed")
-    up("/streams/105/objects", a, "invoice.pdf", "application/pdf", files.elf(), status=415,
-       route=OBJECTS, channel="default", role="agent", reason="type_mismatch")
-    up("/streams/whatsapp/objects", c, "photo.png", "image/png", png, status=403, route=OBJECTS,
-       channel="whatsapp", role="customer", reason="uploads_disabled")
-    for auth, status, reason in (
-        ({}, 401, "missing_secret"),
-        (bearer("not.a.jwt"), 401, "invalid_secret"),
-        (bearer(unknown_key), 403, "key_not_active"),
-    ):
-        # Authentication comes first, so these never get as far as matching the upload route.
-        up("/streams/106/objects", auth, "photo.png", "image/png", png, status=status,
-           route="proxy", reason=reason, reads_body=False)
+    for path, auth, part, status, route, channel, role, reason in uploads:
+        body, headers = upload(*part)
+        accepted = status == 200
+        steps.append(Step(
+            "POST", path, body, {**headers, **auth}, status, route, channel, role, reason,
+            file_size=len(part[2]) if accepted else 0, reads_body=channel is not None,
+            forwards=accepted,
+        ))  # fmt: skip
     steps.append(Step("GET", "/random/abc123", b"", a, 200, "proxy", forwards=True))
     steps.append(Step("POST", "/t/echo", b"e" * 1000, a, 200, "proxy", forwards=True))
     steps.append(Step("GET", "/t/status/404", b"", a, 404, "proxy", forwards=True))
@@ -202,17 +211,23 @@ def observed(
     gw = start_gateway(observed_config(redis_server, backend_proc, tmp, "ugw-metrics"), tmp)
     try:
         key = new_key(gw, "metrics-client")
-        steps = script(mint(gw, key, "role=agent"), mint(gw, key), mint(gw, "unknown-" + uuid.uuid4().hex))
+        steps = script(
+            mint(gw, key, "role=agent"), mint(gw, key), mint(gw, "unknown-" + uuid.uuid4().hex)
+        )
         replies = [send(gw.port, s.method, s.path, s.body, s.headers) for s in steps]
         yield gw, steps, replies, scrape(gw)
     finally:
         gw.stop()
 
 
-def test_the_script_got_the_answers_it_expects(observed: tuple[Any, list[Step], list[Reply], str]) -> None:
+def test_the_script_got_the_answers_it_expects(
+    observed: tuple[Any, list[Step], list[Reply], str],
+) -> None:
     _, steps, replies, _ = observed
-    got = [(s.path, r.status, r.json().get("code") if r.status >= 400 and s.reason else None)
-           for s, r in zip(steps, replies, strict=True)]
+    got = [
+        (s.path, r.status, r.json().get("code") if r.status >= 400 and s.reason else None)
+        for s, r in zip(steps, replies, strict=True)
+    ]
     assert got == [(s.path, s.status, s.reason) for s in steps]
 
 
@@ -243,12 +258,24 @@ def test_uploads_are_counted_by_channel_role_and_outcome(observed: Any) -> None:
 def test_rejections_and_auth_failures_are_counted_by_reason(observed: Any) -> None:
     samples = Samples(observed[3])
     assert samples.by("rejections_total", "reason") == {
-        "file_too_large": 1, "type_not_allowed": 1, "type_mismatch": 1, "uploads_disabled": 1,
-        "missing_secret": 1, "invalid_secret": 1, "key_not_active": 1,
+        "file_too_large": 1,
+        "type_not_allowed": 1,
+        "type_mismatch": 1,
+        "uploads_disabled": 1,
+        "missing_secret": 1,
+        "invalid_secret": 1,
+        "key_not_active": 1,
     }
-    assert samples.by("rejections_total", "channel") == {"tiny": 1, "default": 2, "whatsapp": 1, "": 3}
+    assert samples.by("rejections_total", "channel") == {
+        "tiny": 1,
+        "default": 2,
+        "whatsapp": 1,
+        "": 3,
+    }
     assert samples.by("auth_failures_total", "reason") == {
-        "missing_secret": 1, "invalid_secret": 1, "key_not_active": 1,
+        "missing_secret": 1,
+        "invalid_secret": 1,
+        "key_not_active": 1,
     }
     assert samples.by("report_mode_would_reject_total", "reason") == {}
 
@@ -280,7 +307,9 @@ def test_bytes_received_and_forwarded_match_what_was_sent(observed: Any) -> None
         assert samples.get("forwarded_bytes_total", route=route) == forwarded, route
     refused = sum(len(s.body) for s in steps if s.reason and s.reads_body)
     assert samples.get("rejected_received_bytes_total") == refused
-    access = [json.loads(line) for line in gw.log().splitlines() if line.startswith('{"request_id"')]
+    access = [
+        json.loads(line) for line in gw.log().splitlines() if line.startswith('{"request_id"')
+    ]
     assert sum(e["bytes_in"] for e in access if e.get("reason")) == refused
 
 

@@ -47,7 +47,9 @@ class Reloading:
     base: dict[str, Any]
     agent: dict[str, str]
 
-    def post(self, data: bytes = PNG_3000, name: str = "photo.png", ctype: str = "image/png") -> Reply:
+    def post(
+        self, data: bytes = PNG_3000, name: str = "photo.png", ctype: str = "image/png"
+    ) -> Reply:
         body, headers = upload(name, ctype, data)
         return send(self.gw.port, "POST", "/streams/301/objects", body, {**headers, **self.agent})
 
@@ -190,8 +192,10 @@ def chunked_upload(r: Reloading, body: bytes, headers: dict[str, str], split: in
     head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, **r.agent}.items())
     sock = socket.create_connection(("127.0.0.1", r.gw.port), timeout=10)
     sock.sendall(
-        (f"POST /streams/302/objects HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n{head}"
-         "Transfer-Encoding: chunked\r\n\r\n").encode()
+        (
+            f"POST /streams/302/objects HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n{head}"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
         + b"%x\r\n%s\r\n" % (split, body[:split])
     )
     return sock

@@ -62,7 +62,9 @@ def workers(
     redis_server: RedisServer, backend_proc: BackendProc, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GatewayProc, list[int]]]:
     tmp = tmp_path_factory.mktemp("workers")
-    gw = start_gateway(observed_config(redis_server, backend_proc, tmp, "ugw-workers"), tmp, workers=2)
+    gw = start_gateway(
+        observed_config(redis_server, backend_proc, tmp, "ugw-workers"), tmp, workers=2
+    )
     pids: list[int] = []
     try:
         agent = bearer(mint(gw, new_key(gw, "workers-client"), "role=agent"))
@@ -70,7 +72,12 @@ def workers(
             assert send(gw.port, "GET", "/t/status/200", headers=agent).status == 200
         body, headers = upload("photo.png", "image/png", files.png())
         for i in range(UPLOADS):
-            assert send(gw.port, "POST", f"/streams/{500 + i}/objects", body, {**headers, **agent}).status == 200
+            assert (
+                send(
+                    gw.port, "POST", f"/streams/{500 + i}/objects", body, {**headers, **agent}
+                ).status
+                == 200
+            )
         pids = sorted(set(access_pids(gw, PLAIN + UPLOADS)))
         yield gw, pids
     finally:
@@ -86,15 +93,22 @@ def test_both_workers_serve_requests(workers: tuple[GatewayProc, list[int]]) -> 
     assert gw.proc.pid not in pids  # the parent only supervises
 
 
-def test_every_scrape_reports_the_totals_of_all_workers(workers: tuple[GatewayProc, list[int]]) -> None:
+def test_every_scrape_reports_the_totals_of_all_workers(
+    workers: tuple[GatewayProc, list[int]],
+) -> None:
     gw, _ = workers
     body_size = len(upload("photo.png", "image/png", files.png())[0])
     for _ in range(4):  # new connections: the scrapes land on either worker
         samples = Samples(scrape(gw))
         assert samples.by("requests_total", "route") == {"proxy": PLAIN, OBJECTS: UPLOADS}
-        assert samples.get("uploads_total", channel="default", role="agent", outcome="accepted") == UPLOADS
+        assert (
+            samples.get("uploads_total", channel="default", role="agent", outcome="accepted")
+            == UPLOADS
+        )
         assert samples.get("received_bytes_total", route=OBJECTS) == UPLOADS * body_size
-        assert samples.get("upload_file_size_bytes_count", channel="default", role="agent") == UPLOADS
+        assert (
+            samples.get("upload_file_size_bytes_count", channel="default", role="agent") == UPLOADS
+        )
         assert samples.get("request_duration_seconds_count", route="proxy") == PLAIN
         assert samples.get("inflight_uploads") == 0
         assert samples.get("spool_bytes") == 0

@@ -21,10 +21,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gateway.auth.keystore import KeyRecord
+from gateway.redis_client import REDIS_ERRORS, RedisClient
+from gateway.redis_client import pubsub as redis_pubsub
 
 log = logging.getLogger(__name__)
 MAX_ENTRIES = 100_000
@@ -84,7 +83,7 @@ class RevocationListener:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         channel: str,
         cache: VerdictCache,
         on_error: Callable[[], None] | None = None,
@@ -102,7 +101,7 @@ class RevocationListener:
         while True:
             try:
                 await self._listen_once()
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 _reraise_if_cancelled()
                 log.warning("revocation subscription lost: %s", type(exc).__name__)
                 if self._on_error is not None:
@@ -120,7 +119,8 @@ class RevocationListener:
         # Subscribe confirmations and PONGs are read as messages on purpose: with
         # ignore_subscribe_messages, get_message returns None at once after swallowing one, so
         # None would not mean "a quiet second" (and the loop would spin).
-        pubsub = self._redis.pubsub()
+        # On a Redis Cluster this is a ClusterPubSub on one node, which hears every PUBLISH.
+        pubsub = await redis_pubsub(self._redis)
         try:
             await pubsub.subscribe(self._channel)
             # Only now can no revocation slip by: anything cached before may be stale.

@@ -16,6 +16,9 @@ Redis never holds a raw key: only its SHA-256. API keys are ``ugw_`` + 32 random
 unsalted fast hash is safe (nothing to brute-force). A key id (``k_`` + 12 hex) is the public
 handle operators use; it reveals nothing about the key. Writes go through MULTI/EXEC so a reader
 never sees half a key; rotation uses WATCH so a concurrent add/revoke makes it retry, not clobber.
+Revocations are PUBLISHed right after the EXEC, not inside it: a cluster pipeline refuses PUBLISH,
+and publishing after the change is visible means a replica that drops its verdict and asks again
+already sees the key gone.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import WatchError
 
 from gateway.auth.ratelimit import RateLimit
 from gateway.config.model import SecretValue
+from gateway.redis_client import RedisClient
 
+AnyPipeline = Pipeline | ClusterPipeline
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._@:+-]{1,128}$")
 
 
@@ -94,7 +99,7 @@ def _record(digest_hex: str, fields: dict[Any, Any], score: float | None) -> Key
 class KeyStore:
     """Add, rotate, revoke, list, purge and look up keys. Takes any redis.asyncio client."""
 
-    def __init__(self, redis: Redis, key_prefix: str) -> None:
+    def __init__(self, redis: RedisClient, key_prefix: str) -> None:
         self.redis = redis
         self.prefix = "{" + key_prefix + "}"
         self.keys_zset = f"{self.prefix}:keys"
@@ -120,7 +125,7 @@ class KeyStore:
     # -- administration ---------------------------------------------------------------------------
 
     def _queue_add(
-        self, pipe: Pipeline, client: str, expires: float, label: str,
+        self, pipe: AnyPipeline, client: str, expires: float, label: str,
         allow_ips: Sequence[str], rate_limit: RateLimit | None, now: float,
     ) -> NewKey:
         api_key = "ugw_" + secrets.token_urlsafe(32)
@@ -162,14 +167,18 @@ class KeyStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    return await self._rotate_once(
+                    new, ended = await self._rotate_once(
                         pipe, client, overlap, expires, label, allow_ips, rate_limit
                     )
+                    break
                 except WatchError:  # someone changed the key set meanwhile: read it again
                     await pipe.reset()  # type: ignore[no-untyped-call]
+        for record in ended:
+            await self.redis.publish(self.revocations, record.digest)
+        return new, ended
 
     async def _rotate_once(
-        self, pipe: Pipeline, client: str, overlap: float, expires: float, label: str,
+        self, pipe: AnyPipeline, client: str, overlap: float, expires: float, label: str,
         allow_ips: Sequence[str], rate_limit: RateLimit | None,
     ) -> tuple[NewKey, list[KeyRecord]]:
         await pipe.watch(self._client_set(client), self.keys_zset)
@@ -183,13 +192,12 @@ class KeyStore:
         for record in old:
             end = min(record.expires, cutoff)
             pipe.zadd(self.keys_zset, {record.digest: end}, xx=True)
-            pipe.publish(self.revocations, record.digest)
             ended.append(KeyRecord(record.key_id, record.client, record.label, record.created,
                                    end, record.allow_ips, record.rate_limit, record.digest))
         await pipe.execute()
         return new, ended
 
-    async def _records_watched(self, pipe: Pipeline, digests: Sequence[str]) -> list[KeyRecord]:
+    async def _records_watched(self, pipe: AnyPipeline, digests: Sequence[str]) -> list[KeyRecord]:
         """Records read in immediate mode on a WATCHing pipeline (one command each: admin only)."""
         records = []
         for d in digests:
@@ -208,12 +216,12 @@ class KeyStore:
         record = found[0] if found else None
         async with self.redis.pipeline(transaction=True) as pipe:
             self._queue_delete(pipe, _text(digest_hex), key_id, record.client if record else None)
-            pipe.publish(self.revocations, _text(digest_hex))
             await pipe.execute()
+        await self.redis.publish(self.revocations, _text(digest_hex))
         return record
 
     def _queue_delete(
-        self, pipe: Pipeline, digest_hex: str, key_id: str, client: str | None
+        self, pipe: AnyPipeline, digest_hex: str, key_id: str, client: str | None
     ) -> None:
         pipe.zrem(self.keys_zset, digest_hex)
         pipe.delete(self._meta(digest_hex))

@@ -1,0 +1,290 @@
+"""A backend that misbehaves on purpose, and raw-socket helpers, for the fault tests (issue 7).
+
+:class:`FaultBackend` speaks just enough HTTP/1.1 over plain sockets (one thread per connection)
+to fail in ways a framework would not let us: it resets the connection while the gateway is still
+sending a body, hangs after reading one, or cuts a response short after its head promised more.
+The behaviour is chosen by the request path, so one backend serves every fault:
+
+* ``…/reset-request/…``  read the head and 64 KiB of the body, then RST
+* ``…/hang/…``           read the whole body, then never answer
+* ``/fault/reset-response-length``   promise ``Content-Length: 1000000``, send 1,000 bytes, RST
+* ``/fault/reset-response-chunked``  chunked: one 1,000-byte chunk, then RST (no last chunk)
+* ``/fault/big/{n}``     send ``n`` bytes with a Content-Length (records how many went out)
+* anything else          read the body and answer 200 with a small JSON document
+
+Every request is recorded (:class:`Received`) *as soon as its head arrives*, and completed as the
+body is read, so a test can prove a body never reached the backend, or reached it only in part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import select
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tests.support.procs import free_port
+
+RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST instead of a FIN
+PARTIAL_READ = 64 * 1024
+
+
+@dataclass
+class Received:
+    """What reached the backend for one request."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    length: int = 0  # body bytes read
+    sha256: str = ""
+    complete: bool = False  # the whole body (per its framing) arrived
+    response_sent: int = 0  # body bytes of our response that went out (``/fault/big``)
+    _digest: object = field(default_factory=hashlib.sha256, repr=False)
+
+    def add(self, data: bytes) -> None:
+        self._digest.update(data)  # type: ignore[attr-defined]
+        self.length += len(data)
+        self.sha256 = self._digest.hexdigest()  # type: ignore[attr-defined]
+
+
+class _Conn:
+    """A buffered reader over one accepted socket."""
+
+    def __init__(self, sock: socket.socket, stopping: threading.Event) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.stopping = stopping
+        sock.settimeout(0.2)
+
+    def _fill(self) -> bool:
+        while not self.stopping.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.buf += data
+            return True
+        return False
+
+    def head(self) -> bytes | None:
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                return None
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        return head
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (fewer only at EOF)."""
+        while len(self.buf) < limit and self._fill():
+            pass
+        data, self.buf = self.buf[:limit], self.buf[limit:]
+        return data
+
+    def line(self) -> bytes | None:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                return None
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def wait_closed(self) -> None:
+        """Block until the peer goes away (or the backend stops): a hanging backend."""
+        while self._fill():
+            self.buf = b""
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+        self.sock.close()
+
+
+class FaultBackend:
+    """Start with :meth:`start`, stop with :meth:`stop`; :meth:`records` is what arrived."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._records: list[Received] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def records(self, path_part: str = "") -> list[Received]:
+        with self._lock:
+            return [r for r in self._records if path_part in r.path]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def start(self) -> FaultBackend:
+        backend = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                backend._serve(_Conn(self.request, backend._stopping))
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def server_bind(self) -> None:
+                # A small receive window (inherited by accepted sockets), so a backend that stops
+                # reading really does stop the gateway's sending mid-body.
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                super().server_bind()
+
+        self._server = Server(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _serve(self, conn: _Conn) -> None:
+        """Requests on one keep-alive connection until it closes or a fault ends it."""
+        while (head := conn.head()) is not None:
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            rec = Received(method, path, headers)
+            with self._lock:
+                self._records.append(rec)
+            if "/reset-request/" in path:
+                rec.add(conn.take(PARTIAL_READ))
+                conn.reset()
+                return
+            self._read_body(conn, rec)
+            if not self._answer(conn, rec):
+                return
+
+    def _read_body(self, conn: _Conn, rec: Received) -> None:
+        if rec.headers.get("transfer-encoding", "").lower() == "chunked":
+            while (line := conn.line()) is not None:
+                size = int(line.split(b";", 1)[0], 16)
+                if size == 0:
+                    conn.line()
+                    rec.complete = True
+                    return
+                data = conn.take(size)
+                rec.add(data)
+                if len(data) < size or conn.take(2) != b"\r\n":
+                    return
+            return
+        length = int(rec.headers.get("content-length", "0"))
+        while rec.length < length:
+            data = conn.take(min(length - rec.length, 1 << 20))
+            if not data:
+                return
+            rec.add(data)
+        rec.complete = True
+
+    def _answer(self, conn: _Conn, rec: Received) -> bool:
+        """Send the path's answer; False when the connection is finished."""
+        path = rec.path
+        if not rec.complete:
+            return False
+        if "/hang/" in path:
+            conn.wait_closed()
+            return False
+        if path == "/fault/reset-response-length":
+            conn.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+            time.sleep(0.05)
+            conn.reset()
+            return False
+        if path == "/fault/reset-response-chunked":
+            conn.sock.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"y" * 1000 + b"\r\n"
+            )
+            time.sleep(0.05)
+            conn.reset()
+            return False
+        if path.startswith("/fault/big/"):
+            return self._send_big(conn, rec, int(path.rsplit("/", 1)[1]))
+        body = json.dumps({"status": "success", "length": rec.length, "sha256": rec.sha256}).encode()
+        conn.sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        return True
+
+    def _send_big(self, conn: _Conn, rec: Received, size: int) -> bool:
+        block = b"z" * 65536
+        try:
+            conn.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            while rec.response_sent < size:
+                piece = block[: size - rec.response_sent]
+                conn.sock.settimeout(5)
+                conn.sock.sendall(piece)
+                rec.response_sent += len(piece)
+        except OSError:
+            return False
+        finally:
+            conn.sock.settimeout(0.2)
+        return True
+
+
+# -- raw client side ---------------------------------------------------------------------------
+
+
+def response_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole response with a Content-Length body (our problem+json)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+def send_while_listening(sock: socket.socket, payload: bytes, piece: int = 65536) -> bytes:
+    """Send ``payload`` in pieces, stopping as soon as the server answers or hangs up.
+
+    A gateway that refuses a body midway answers and closes while we are still sending; reading
+    between pieces gets that answer before a RST (from unread bytes) could destroy it.
+    """
+    received = b""
+    for start in range(0, len(payload), piece):
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            break
+        try:
+            sock.sendall(payload[start : start + piece])
+        except OSError:
+            break
+    return received + read_response(sock)
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until a whole response, EOF, a reset or ``timeout``."""
+    sock.settimeout(timeout)
+    data = b""
+    while not response_complete(data):
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

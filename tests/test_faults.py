@@ -1,0 +1,550 @@
+"""Faults (issue 7): the real gateway process while Redis dies, the backend misbehaves, clients
+vanish, the spool has no room and the process is told to stop.
+
+Each test proves what an operator relies on: the status the client gets, that the backend got
+nothing it should not have (:class:`FaultBackend` records every byte that reached it), that no
+spool descriptor is left open, and that the same gateway process keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from tests.conftest import mint
+from tests.support.faults import FaultBackend, read_response, response_complete, send_while_listening
+from tests.support.files import make, multipart
+from tests.support.gateway_proc import GatewayProc, base_config, cli, start_gateway
+from tests.support.procs import RedisServer, free_port
+from tests.support.rawhttp import parse_response
+
+MiB = 1024 * 1024
+CACHE_TTL = 1.0
+READ_TIMEOUT = 1.0
+SPOOL_MAX = 4 * MiB
+
+
+# -- the fault environment: its own Redis (we kill it), a misbehaving backend, one gateway -----
+
+
+@pytest.fixture(scope="module")
+def fault_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def fault_backend() -> Iterator[FaultBackend]:
+    backend = FaultBackend().start()
+    yield backend
+    backend.stop()
+
+
+def fault_config(redis_url: str, backend_url: str, spool: Path) -> dict[str, Any]:
+    config = base_config(redis_url, backend_url, spool)
+    config["auth"]["cache_ttl"] = f"{CACHE_TTL:g}s"
+    config["backend"]["read_timeout"] = f"{READ_TIMEOUT:g}s"
+    config["spool"].update(memory_threshold="64KiB", max_bytes=SPOOL_MAX)
+    config["server"].update(body_timeout="5s", shutdown_grace="3s")
+    return config
+
+
+@pytest.fixture(scope="module")
+def fault_gw(
+    fault_redis: RedisServer, fault_backend: FaultBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProc]:
+    work = tmp_path_factory.mktemp("faults")
+    gw = start_gateway(fault_config(fault_redis.url, fault_backend.url, work / "spool"), work)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(fault_gw: GatewayProc) -> str:
+    """A Secret (role agent: PDFs allowed) for a key in the fault Redis."""
+    out = cli(fault_gw.config_path, "keys", "add", "--client", "faults", "--json")
+    return mint(fault_gw, str(json.loads(out.stdout)["api_key"]), "role=agent")
+
+
+@pytest.fixture
+def backend(fault_backend: FaultBackend) -> FaultBackend:
+    fault_backend.clear()
+    return fault_backend
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def pdf_upload(size: int) -> tuple[bytes, str]:
+    return multipart([("file", "doc.pdf", None, make("pdf", size))])
+
+
+def fds(gw: GatewayProc) -> dict[str, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{gw.proc.pid}/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/{gw.proc.pid}/fd/{fd}")
+        except OSError:
+            continue
+    return out
+
+
+def spool_fds(gw: GatewayProc) -> list[str]:
+    """Spool files are unlinked at creation: the open descriptors are what is left to find."""
+    spool = str(gw.config["spool"]["dir"])
+    return [target for target in fds(gw).values() if target.startswith(spool)]
+
+
+def wait_until(check: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def assert_released(gw: GatewayProc, fd_baseline: int | None = None) -> None:
+    """No spool descriptor (or file) left, and, when given, no more descriptors than before."""
+    assert wait_until(lambda: not spool_fds(gw)), spool_fds(gw)
+    spool = Path(gw.config["spool"]["dir"])
+    assert not spool.exists() or os.listdir(spool) == []
+    if fd_baseline is not None:
+        assert wait_until(lambda: len(fds(gw)) <= fd_baseline), (fd_baseline, fds(gw))
+    assert gw.proc.poll() is None, "the gateway must survive the fault"
+
+
+async def upload(
+    gw: GatewayProc, secret: str, path: str, body: bytes, ctype: str, **headers: str
+) -> tuple[int, dict[str, Any], Any]:
+    hdrs = {"Authorization": f"Bearer {secret}", "Content-Type": ctype, **headers}
+    async with aiohttp.ClientSession() as s, s.post(gw.url + path, data=body, headers=hdrs) as r:
+        raw = await r.read()
+        doc = json.loads(raw) if raw and r.content_type.endswith("json") else {}
+        return r.status, doc, r.headers
+
+
+def assert_problem(status: int, doc: dict[str, Any], headers: Any, expected: int, code: str) -> None:
+    assert status == expected, doc
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert doc["status"] == expected and doc["code"] == code and doc["request_id"]
+
+
+async def assert_still_serving(gw: GatewayProc, secret: str, backend: FaultBackend) -> None:
+    body, ctype = pdf_upload(200_000)
+    status, doc, _ = await upload(gw, secret, "/streams/after/objects", body, ctype)
+    assert status == 200, doc
+    assert backend.records("/streams/after/")[-1].sha256 == hashlib.sha256(body).hexdigest()
+
+
+def raw_head(method: str, path: str, secret: str, ctype: str = "", length: int | None = None,
+             chunked: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw", f"Authorization: Bearer {secret}"]
+    if ctype:
+        lines.append(f"Content-Type: {ctype}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def vanish(sock: socket.socket) -> None:
+    """Close with a RST, as a client whose process died or whose network went away."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    rid: str
+    phase: str  # the phase when the request started
+    phase_end: str
+    status: int
+    code: str | None
+    retry_after: str | None
+
+
+async def test_redis_killed_mid_traffic_fails_closed_then_recovers_without_a_restart(
+    fault_gw: GatewayProc, fault_redis: RedisServer, backend: FaultBackend, agent: str
+) -> None:
+    body, ctype = multipart([("file", "photo.png", None, make("png"))])
+    phase = ["up"]
+    outcomes: list[Outcome] = []
+    stop = asyncio.Event()
+
+    async def traffic(worker: int) -> None:
+        async with aiohttp.ClientSession() as s:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                rid, started = f"faults-redis-{worker}-{i}", phase[0]
+                hdrs = {"Authorization": f"Bearer {agent}", "Content-Type": ctype, "X-Request-Id": rid}
+                async with s.post(fault_gw.url + "/streams/redis/objects", data=body, headers=hdrs) as r:
+                    doc = json.loads(await r.read())
+                outcomes.append(Outcome(rid, started, phase[0], r.status, doc.get("code"),
+                                        r.headers.get("Retry-After")))
+                await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(traffic(w)) for w in range(4)]
+    await asyncio.sleep(0.5)
+    redis.Redis(port=fault_redis.port).save()  # a Redis with persistence: keys survive a restart
+    fault_redis.stop()  # SIGKILL
+    phase[0] = "killed"
+    await asyncio.sleep(CACHE_TTL + 0.5)  # verdicts cached before the kill have expired by now
+    phase[0] = "down"
+    await asyncio.sleep(1.5)
+    phase[0] = "restarting"
+    await asyncio.to_thread(fault_redis.start)
+    phase[0] = "restarted"
+    recovered = time.monotonic()
+    while not [o for o in outcomes if o.phase == "restarted" and o.status == 200]:
+        assert time.monotonic() - recovered < 10, "no request passed after Redis came back"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+    assert {o.status for o in outcomes} <= {200, 503}, {(o.status, o.code) for o in outcomes}
+    down = [o for o in outcomes if o.phase == "down" and o.phase_end == "down"]
+    assert len(down) >= 10 and all(o.status == 503 for o in down), "fail closed while Redis is down"
+    for o in outcomes:
+        if o.status == 503:
+            assert o.code == "auth_unavailable" and o.retry_after and int(o.retry_after) >= 1
+    assert [o.status for o in outcomes if o.phase == "up"][:5] == [200] * 5
+    assert [o.status for o in outcomes if o.phase == "restarted"][-5:] == [200] * 5
+    forwarded = {r.headers.get("x-request-id") for r in backend.records("/streams/redis/")}
+    assert forwarded == {o.rid for o in outcomes if o.status == 200}, "a 503 reached the backend"
+    digest = hashlib.sha256(body).hexdigest()
+    assert all(r.sha256 == digest for r in backend.records("/streams/redis/"))
+    assert fault_gw.proc.poll() is None, "recovered by the same process, not a restart"
+
+
+# -- the backend --------------------------------------------------------------------------------
+
+
+async def test_a_backend_refusing_connections_is_a_502_and_the_spool_is_released(
+    fault_redis: RedisServer, agent: str, tmp_path: Path
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    gw = start_gateway(fault_config(fault_redis.url, closed, tmp_path / "spool"), tmp_path)
+    try:
+        body, ctype = pdf_upload(1 * MiB)
+        status, doc, headers = await upload(gw, agent, "/streams/refused/objects", body, ctype)
+        assert_problem(status, doc, headers, 502, "backend_unavailable")
+        assert "backend" in doc["detail"]
+        assert_released(gw)
+    finally:
+        gw.stop()
+
+
+async def test_a_hanging_backend_is_a_504_within_the_read_timeout(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    body, ctype = pdf_upload(300_000)
+    started = time.monotonic()
+    status, doc, headers = await upload(fault_gw, agent, "/streams/hang/objects", body, ctype)
+    elapsed = time.monotonic() - started
+    assert_problem(status, doc, headers, 504, "backend_timeout")
+    assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + 2, elapsed
+    assert_released(fault_gw)
+
+
+async def test_a_backend_resetting_mid_request_body_is_a_502_and_the_spool_is_released(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    baseline = len(fds(fault_gw))
+    body, ctype = pdf_upload(3 * MiB)
+    status, doc, headers = await upload(fault_gw, agent, "/streams/reset-request/objects", body, ctype)
+    assert_problem(status, doc, headers, 502, "backend_unavailable")
+    [rec] = backend.records("/streams/reset-request/")
+    assert not rec.complete and rec.length < len(body), "the backend hung up while we were sending"
+    assert_released(fault_gw, baseline)
+    await assert_still_serving(fault_gw, agent, backend)
+
+
+def chunked_complete(body: bytes) -> bool:
+    """Whether a chunked body ends with its last (zero-size) chunk."""
+    pos = 0
+    while True:
+        end = body.find(b"\r\n", pos)
+        if end < 0:
+            return False
+        size = int(body[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return body[end + 2 :].startswith(b"\r\n")
+        pos = end + 2 + size + 2
+        if pos > len(body):
+            return False
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_response(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str, framing: str
+) -> None:
+    """The head is already out when the backend drops: the gateway must cut the connection,
+    never end the body cleanly, so no client can take 1,000 bytes for the whole answer."""
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+        sock.sendall(raw_head("GET", f"/fault/reset-response-{framing}", agent))
+        started = time.monotonic()
+        data = read_response(sock, timeout=10)
+        assert time.monotonic() - started < 5, "the gateway must close, not leave the client hanging"
+        sock.settimeout(1)
+        try:
+            assert sock.recv(1) == b"", "the connection must be closed"
+        except ConnectionResetError:
+            pass
+    response = parse_response(data)
+    assert response.status == 200
+    if framing == "length":
+        assert response.header("Content-Length") == "1000000"
+        assert len(response.body) < 1_000_000
+    else:
+        assert response.header("Transfer-Encoding") == "chunked"
+        assert b"y" * 1000 in response.body and not chunked_complete(response.body)
+    assert fault_gw.proc.poll() is None
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+async def test_a_client_vanishing_mid_upload_sends_the_backend_nothing_and_leaks_nothing(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    await assert_still_serving(fault_gw, agent, backend)  # warm pools: the baseline is steady
+    baseline = len(fds(fault_gw))
+    body, ctype = pdf_upload(3 * MiB)
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+        sock.sendall(raw_head("POST", "/streams/vanish/objects", agent, ctype, len(body)))
+        sock.sendall(body[: 2 * MiB])
+        time.sleep(0.3)
+        vanish(sock)
+    assert_released(fault_gw, baseline)
+    assert backend.records("/streams/vanish/") == []
+    await assert_still_serving(fault_gw, agent, backend)
+
+
+async def test_a_client_vanishing_mid_download_stops_the_backend_transfer_and_leaks_nothing(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    await assert_still_serving(fault_gw, agent, backend)
+    baseline = len(fds(fault_gw))
+    size = 256 * MiB
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+        sock.sendall(raw_head("GET", f"/fault/big/{size}", agent))
+        got = 0
+        while got < MiB:
+            got += len(sock.recv(65536))
+        vanish(sock)
+    # The gateway must drop the backend's transfer too, not read 256 MiB into nowhere.
+    [rec] = backend.records("/fault/big/")
+    assert wait_until(lambda: not _still_sending(rec), timeout=5)
+    assert rec.response_sent < size
+    assert_released(fault_gw, baseline)
+    await assert_still_serving(fault_gw, agent, backend)
+
+
+def _still_sending(rec: Any) -> bool:
+    before = rec.response_sent
+    time.sleep(0.3)
+    return bool(rec.response_sent != before)
+
+
+# -- the spool --------------------------------------------------------------------------------
+
+
+def spool_bytes(gw: GatewayProc) -> float:
+    with socket.create_connection(("127.0.0.1", gw.admin_port)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        text = read_response(sock).decode()
+    found = re.findall(r"^upload_gateway_spool_bytes(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in found)
+
+
+async def test_concurrent_uploads_over_spool_max_bytes_get_507_spool_full(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    """``spool.max_bytes`` counts every in-flight upload: the one that would cross it is refused,
+    the one already holding its room completes."""
+    first, ctype = pdf_upload(3 * MiB)
+    second, _ = pdf_upload(2 * MiB)
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as held:
+        held.sendall(raw_head("POST", "/streams/full-a/objects", agent, ctype, len(first)))
+        held.sendall(first[: 5 * MiB // 2])
+        assert wait_until(lambda: spool_bytes(fault_gw) >= 5 * MiB // 2)
+        with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+            head = raw_head("POST", "/streams/full-b/objects", agent, ctype, len(second))
+            refused = parse_response(send_while_listening(sock, head + second))
+        held.sendall(first[5 * MiB // 2 :])
+        accepted = parse_response(read_response(held))
+    doc = json.loads(refused.body)
+    assert_problem(refused.status, doc, dict(refused.headers), 507, "spool_full")
+    assert accepted.status == 200, accepted.body
+    assert backend.records("/streams/full-b/") == [], "the refused upload reached the backend"
+    [rec] = backend.records("/streams/full-a/")
+    assert rec.sha256 == hashlib.sha256(first).hexdigest()
+    assert_released(fault_gw)
+    assert wait_until(lambda: spool_bytes(fault_gw) == 0)
+
+
+async def test_an_unwritable_spool_dir_is_507_spool_full_and_nothing_is_forwarded(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path
+) -> None:
+    """As root, permissions do not stop us: the spool dir sits under a regular file (ENOTDIR)."""
+    (tmp_path / "not-a-dir").write_bytes(b"")
+    config = fault_config(fault_redis.url, backend.url, tmp_path / "not-a-dir" / "spool")
+    gw = start_gateway(config, tmp_path)
+    try:
+        body, ctype = pdf_upload(1 * MiB)  # over memory_threshold: it must go to disk
+        status, doc, headers = await upload(gw, agent, "/streams/unwritable/objects", body, ctype)
+        assert_problem(status, doc, headers, 507, "spool_full")
+        assert backend.records("/streams/unwritable/") == []
+        await assert_still_serving_small(gw, agent, backend)
+    finally:
+        gw.stop()
+
+
+async def assert_still_serving_small(gw: GatewayProc, secret: str, backend: FaultBackend) -> None:
+    """An upload under memory_threshold needs no disk: it must still pass."""
+    body, ctype = pdf_upload(20_000)
+    status, doc, _ = await upload(gw, secret, "/streams/small/objects", body, ctype)
+    assert status == 200, doc
+    assert backend.records("/streams/small/")[-1].sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real ENOSPC (we run as root in the test sandbox, so mount works)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_is_507_spool_full_and_the_space_comes_back(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path, tiny_disk: Path
+) -> None:
+    config = fault_config(fault_redis.url, backend.url, tiny_disk)
+    config["spool"]["max_bytes"] = "1GiB"  # the budget would allow it: only the disk says no
+    gw = start_gateway(config, tmp_path)
+    try:
+        body, ctype = pdf_upload(3 * MiB)
+        status, doc, headers = await upload(gw, agent, "/streams/enospc/objects", body, ctype)
+        assert_problem(status, doc, headers, 507, "spool_full")
+        assert backend.records("/streams/enospc/") == []
+        assert_released(gw)
+        disk = os.statvfs(tiny_disk)
+        assert disk.f_bfree == disk.f_blocks, "the refused upload's space was given back"
+        body, ctype = pdf_upload(512 * 1024)  # on disk, and it fits
+        status, doc, _ = await upload(gw, agent, "/streams/fits/objects", body, ctype)
+        assert status == 200, doc
+        assert backend.records("/streams/fits/")[0].sha256 == hashlib.sha256(body).hexdigest()
+    finally:
+        gw.stop()
+
+
+# -- SIGTERM ----------------------------------------------------------------------------------
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+async def trickle_upload(port: int, secret: str, path: str, body: bytes, ctype: str,
+                         release: asyncio.Event, give_up: float) -> bytes:
+    """Half the body at once, then 100 bytes every 0.2 s until ``release``; then the rest.
+
+    Returns what the gateway answered (``b""`` if it cut us off)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        sent = len(body) // 2
+        writer.write(raw_head("POST", path, secret, ctype, chunked=True) + _chunk(body[:sent]))
+        await writer.drain()
+        deadline = time.monotonic() + give_up
+        while not release.is_set() and time.monotonic() < deadline:
+            writer.write(_chunk(body[sent : sent + 100]))
+            sent += 100
+            await writer.drain()
+            try:
+                await asyncio.wait_for(release.wait(), 0.2)
+            except TimeoutError:
+                pass
+        if release.is_set():
+            writer.write(_chunk(body[sent:]) + b"0\r\n\r\n")
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), 15)
+    except (ConnectionError, OSError):
+        return b""
+    finally:
+        writer.close()
+
+
+def _connect_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_sigterm_stops_accepting_finishes_in_flight_uploads_and_exits_0(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path
+) -> None:
+    """Uploads done within ``shutdown_grace`` (3 s) are forwarded whole; one still arriving
+    when it ends is cut off and never half-forwarded; the process exits 0."""
+    gw = start_gateway(fault_config(fault_redis.url, backend.url, tmp_path / "spool"), tmp_path)
+    bodies = {name: pdf_upload(1 * MiB) for name in ("a", "b", "c")}
+    release, never = asyncio.Event(), asyncio.Event()
+    tasks = {
+        name: asyncio.create_task(trickle_upload(
+            gw.port, agent, f"/streams/drain-{name}/objects", body, ctype,
+            never if name == "c" else release, give_up=12))
+        for name, (body, ctype) in bodies.items()
+    }
+    try:
+        await asyncio.sleep(0.8)
+        assert not backend.records("/streams/drain-")
+        gw.signal(signal.SIGTERM)
+        term = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(_connect_refused, gw.port), "still accepting after SIGTERM"
+        async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/readyz") as r:
+            assert r.status == 503 and (await r.json())["checks"]["draining"] is True
+        await asyncio.sleep(0.7)
+        release.set()
+        answers = {name: await task for name, task in tasks.items()}
+        code = await asyncio.to_thread(gw.proc.wait, 15)
+        exited = time.monotonic() - term
+    finally:
+        gw.stop()
+    assert code == 0
+    assert exited < 3 + 4, f"took {exited:.1f} s to exit with a 3 s grace"
+    for name in ("a", "b"):
+        assert parse_response(answers[name]).status == 200, answers[name][:300]
+        [rec] = backend.records(f"/streams/drain-{name}/")
+        assert rec.complete and rec.sha256 == hashlib.sha256(bodies[name][0]).hexdigest()
+    assert not answers["c"].startswith(b"HTTP/1.1 200"), answers["c"][:300]
+    assert backend.records("/streams/drain-c/") == [], "an unfinished upload was forwarded"
+    assert response_complete(answers["a"])
