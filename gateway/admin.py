@@ -10,8 +10,8 @@ import asyncio
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
 
+from gateway.redis_client import REDIS_ERRORS
 from gateway.state import STATE, GatewayState
 
 
@@ -53,7 +53,7 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _redis_ok(state: GatewayState) -> bool:
     try:
         return bool(await state.redis.ping())
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return False
 
 

@@ -40,6 +40,7 @@ ERRORS: Mapping[str, ErrorKind] = {
     "uploads_disabled": ErrorKind(403, "Uploads not enabled", _POLICY, 17),
     "ip_not_allowed": ErrorKind(403, "Client IP not allowed", _GATEWAY),
     "not_found": ErrorKind(404, "Not found", _GATEWAY),
+    "header_timeout": ErrorKind(408, "Request header timeout", _GATEWAY),
     "body_timeout": ErrorKind(408, "Request body timeout", _GATEWAY),
     "file_too_large": ErrorKind(413, "File too large", _POLICY, 16),
     "request_too_large": ErrorKind(413, "Request too large", _POLICY, 16),
@@ -103,12 +104,14 @@ def problem_body(error: GatewayError, request_id: str) -> dict[str, Any]:
 def problem_response(error: GatewayError, request_id: str) -> web.Response:
     """Render ``error``; CORS is added by the caller that knows the request's Origin."""
     headers = {"X-Request-Id": request_id, **error.headers}
-    if error.status in (400, 408, 431):
-        # The framing or timing of the stream can no longer be trusted: do not reuse it.
-        headers["Connection"] = "close"
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=json.dumps(problem_body(error, request_id)).encode(),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=headers,
     )
+    if error.status in (400, 408, 431):
+        # The framing or timing of the stream can no longer be trusted: do not reuse it.
+        response.headers["Connection"] = "close"
+        response.force_close()
+    return response

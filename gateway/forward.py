@@ -83,8 +83,9 @@ class Forwarder:
     async def ping(self) -> bool:
         """Can we open a TCP connection to the backend? (``/readyz``; any HTTP answer counts)."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._base.host, self._base.port), self._config.connect_timeout
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self._base.host, self._base.port),
+                self._config.connect_timeout,
             )
         except (OSError, TimeoutError):
             return False
@@ -102,6 +103,11 @@ class Forwarder:
         """Send the request on, stream the answer back; raises GatewayError before it started."""
         assert self._session is not None, "Forwarder.start() was not awaited"
         url = URL(str(self._base) + request.raw_path, encoded=True)
+        if request.method == "HEAD":
+            # A backend that wrongly sends a body after a HEAD answer would leave bytes in a
+            # pooled connection for the next request to read as its response (a desync that
+            # hands one client's data to another): a HEAD never reuses its connection.
+            headers["Connection"] = "close"
         started = time.monotonic()
         try:
             backend = await self._session.request(
@@ -142,10 +148,6 @@ class Forwarder:
         elif _has_body(request.method, backend.status):
             response.enable_chunked_encoding()
         result.status = backend.status
-        if not _has_body(request.method, backend.status):
-            # A backend that sends a body anyway would leave bytes in a pooled connection that
-            # the next request would read as its response (a desync): never reuse this one.
-            backend.close()
         await response.prepare(request)
         try:
             async for chunk in backend.content.iter_chunked(READ_CHUNK):

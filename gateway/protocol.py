@@ -104,7 +104,7 @@ class GatewayProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        reading_body = data and not self._between_requests()
+        reading_body = bool(data) and not self._between_requests()
         if data and not reading_body:
             self._note_head_bytes(data)
         count = self._request_count

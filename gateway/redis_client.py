@@ -30,9 +30,11 @@ one node, or a Service name that resolves to some node; the client learns every 
 a burst past it fails closed at once (MaxConnectionsError is a ConnectionError). The key layout uses
 the ``{key_prefix}`` hash tag, so every multi-key operation stays on one slot.
 
-Errors: besides RedisError, the cluster client raises ``RedisClusterException`` (not a RedisError)
-when no node can be reached or a slot has no owner; :data:`REDIS_ERRORS` names everything a caller
-must treat as "Redis unavailable".
+Errors: the cluster client raises ``RedisClusterException`` (not a RedisError) when no node can be
+reached; :class:`GatewayRedisCluster` turns that into a ConnectionError, so callers catching
+RedisError fail closed with 503 as with one server. Rarer cluster states (a slot without an owner
+mid-reshard) still raise RedisClusterException: :data:`REDIS_ERRORS` names everything a caller must
+treat as "Redis unavailable".
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from redis.asyncio.sentinel import (
     SentinelConnectionPool,
     SentinelManagedSSLConnection,
 )
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -139,6 +141,9 @@ def _sentinel_client(config: RedisConfig, client_name: str) -> Redis:
         sentinel_kwargs={
             "socket_timeout": config.timeout,
             "socket_connect_timeout": config.timeout,
+            # Not redis-py's default Retry (3 tries, backoff up to 10 s): a sentinel that is down
+            # would stall every discovery for seconds, when asking the next sentinel is instant.
+            "retry": Retry(NoBackoff(), 0),
             "client_name": client_name + "-sentinel",
             "decode_responses": True,
         },
@@ -154,6 +159,25 @@ def _sentinel_client(config: RedisConfig, client_name: str) -> Redis:
     return client
 
 
+class GatewayRedisCluster(RedisCluster):
+    """RedisCluster whose "no node reachable" is a ConnectionError, like every other client's.
+
+    redis-py raises RedisClusterException (not a RedisError) when no startup node answers;
+    callers written for one server catch RedisError and would turn it into a 500 instead of the
+    fail-closed 503. Every command, pipeline and pub/sub goes through ``initialize`` first.
+    """
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+
+
 def _cluster_client(config: RedisConfig, client_name: str) -> RedisCluster:
     options = _connection_options(config, client_name)
     del options["timeout"]  # the cluster's per-node pools do not block (see the module docstring)
@@ -165,4 +189,4 @@ def _cluster_client(config: RedisConfig, client_name: str) -> RedisCluster:
     if url.pop("connection_class", None) is SSLConnection:
         url["ssl"] = True
     options.update(url)
-    return RedisCluster(**options)
+    return GatewayRedisCluster(**options)

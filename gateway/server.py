@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.accesslog import JsonFormatter
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.config import load_config
 from gateway.config.model import Config
@@ -35,17 +36,19 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def setup_logging(level: str) -> None:
-    """Access lines are already JSON; other records get a compact JSON envelope too."""
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stdout,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
+    """Every line on stdout is one JSON object: access lines as built, the rest via JsonFormatter."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
     access = logging.getLogger("upload_gateway.access")
     access.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
+    access.handlers.clear()
+    access_handler = logging.StreamHandler(sys.stdout)
+    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(access_handler)
     access.setLevel(level.upper())
 
 
@@ -167,7 +170,12 @@ def _supervise(config_path: str, config: Config, workers: int) -> int:
         deadline = time.monotonic() + config.server.shutdown_grace + 5
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
-        failed = [p for p in procs if p.exitcode not in (0, None)]
+        for proc in procs:
+            if proc.is_alive():  # past the grace period: nothing may outlive the parent
+                LOGGER.error("worker %s did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join(5)
+        failed = [p for p in procs if p.exitcode != 0]
         return 1 if failed else 0
     finally:
         shutil.rmtree(prom_dir, ignore_errors=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from gateway.auth.authenticator import Authenticator
 from gateway.config.model import Config
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
+from gateway.redis_client import RedisClient
 from gateway.spool import SpoolBudget
 
 
@@ -35,7 +35,7 @@ class GatewayState:
     metrics: Metrics
     forwarder: Forwarder
     auth: Authenticator
-    redis: Redis
+    redis: RedisClient
     spool_budget: SpoolBudget
     draining: bool = False
 

@@ -23,7 +23,8 @@ from types import MappingProxyType
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
 
 from gateway.auth.authenticator import Authenticator, Identity
 from gateway.auth.keystore import KeyStore
@@ -33,6 +34,7 @@ from gateway.config.model import AuthConfig, HostPort, RedisConfig, SecretValue,
 from gateway.errors import GatewayError
 from gateway.redis_client import RedisClient, build_redis
 from tests.support.gateway_proc import BackendProc, base_config, cli, start_gateway
+from tests.support.procs import free_port
 from tests.support.redis_ha import SERVICE, ClusterSetup, SentinelSetup
 
 SIGNING = b"redis-ha-test-signing-key-0123456789abcdef"
@@ -129,8 +131,9 @@ def sentinels() -> Iterator[SentinelSetup]:
 async def test_sentinel_failover_keeps_authenticating_and_fails_closed_meanwhile(
     sentinels: SentinelSetup, make_auth: MakeAuth, clients: list[RedisClient], prefix: str
 ) -> None:
+    down = HostPort("127.0.0.1", free_port())  # a sentinel that is down is skipped at once
     config = RedisConfig(
-        sentinels=tuple(HostPort("127.0.0.1", s.port) for s in sentinels.sentinels),
+        sentinels=(down, *(HostPort("127.0.0.1", s.port) for s in sentinels.sentinels)),
         sentinel_service=SERVICE,
         key_prefix=prefix,
     )
@@ -138,9 +141,11 @@ async def test_sentinel_failover_keeps_authenticating_and_fails_closed_meanwhile
     old = await store.add("acme")
     # Replication is asynchronous: make sure the replica has the key before the primary dies.
     assert await store.redis.execute_command("WAIT", 1, 2000) == 1
+    start = time.monotonic()
     auth = await make_auth(config)
     good, unknown = bearer(key_of(old)), bearer("ugw_never-issued-key")
     assert await verdict(auth, good) == "ok:acme"
+    assert time.monotonic() - start < 1.5  # not redis-py's default sentinel retry (seconds)
 
     sentinels.primary.stop()  # SIGKILL: no goodbye to clients or sentinels
     answers: set[str] = set()
@@ -192,8 +197,7 @@ async def node_without(cluster: ClusterSetup, key: str) -> int:
         plain = Redis.from_url(cluster.url(node))
         try:
             await plain.get(key)
-        except ResponseError as exc:
-            assert str(exc).startswith("MOVED"), exc
+        except MovedError:
             return node
         finally:
             await plain.aclose()
@@ -287,3 +291,16 @@ async def test_gateway_process_serves_requests_with_a_cluster(
         assert [r["path"] for r in backend.records()] == ["/t/echo"]
     finally:
         gateway.stop()
+
+
+async def test_unreachable_cluster_fails_closed_with_503(prefix: str) -> None:
+    """No node answers: the cluster client's own exception becomes a ConnectionError, so the
+    auth stage answers 503 auth_unavailable (not a 500) and nothing passes."""
+    redis = build_redis(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", cluster=True))
+    auth = Authenticator(AUTH, redis, prefix)
+    try:
+        assert await verdict(auth, bearer("ugw_any-key")) == "auth_unavailable"
+        with pytest.raises(RedisConnectionError, match="unreachable"):
+            await redis.ping()  # what /readyz and the keys commands catch
+    finally:
+        await redis.aclose()

@@ -7,6 +7,7 @@ anything, so a failure is the gateway's policy and not this machine's OpenSSL re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import ipaddress
@@ -280,7 +281,7 @@ async def test_backend_tls_is_verified_against_the_configured_ca(
     runner, port = await _https_backend(pki)
     config = base_config(redis_server.url, f"https://127.0.0.1:{port}", spool_dir)
     config["backend"]["ca_file"] = str(pki.ca if trusted else pki.other_ca)
-    gw = start_gateway(config, tmp_path)
+    gw = await asyncio.to_thread(start_gateway, config, tmp_path)  # keep the backend serving
     try:
         async with aiohttp.ClientSession() as session, session.get(
             gw.url + "/hello", headers={"Authorization": f"Bearer {secret}"}
@@ -292,5 +293,5 @@ async def test_backend_tls_is_verified_against_the_configured_ca(
         else:
             assert json.loads(body)["code"] == "backend_unavailable"
     finally:
-        gw.stop()
+        await asyncio.to_thread(gw.stop)
         await runner.cleanup()

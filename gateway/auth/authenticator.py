@@ -13,7 +13,6 @@ keeps re-subscribing in the background (the cache stays off until it has).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -22,9 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gateway.auth import ratelimit
 from gateway.auth.cache import RevocationListener, VerdictCache
 from gateway.auth.keystore import KeyRecord, KeyStore, digest
@@ -32,9 +28,11 @@ from gateway.auth.secret import MISSING_TOKEN_CHALLENGE, SecretVerifier
 from gateway.config.model import AuthConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
+from gateway.redis_client import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 PURGE_INTERVAL = 60.0
+CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,11 @@ class Authenticator:
     """One per process; ``start`` after the event loop runs, ``close`` on shutdown."""
 
     def __init__(
-        self, config: AuthConfig, redis: Redis, key_prefix: str, metrics: Metrics | None = None
+        self,
+        config: AuthConfig,
+        redis: RedisClient,
+        key_prefix: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -73,11 +75,12 @@ class Authenticator:
         ]
 
     async def close(self) -> None:
+        """Stop the background tasks; bounded, so a library that swallows a cancel can never
+        hold up a drain (the tasks only read from Redis: abandoning them loses nothing)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
         self._tasks = []
 
     async def authenticate(self, headers: Mapping[str, str], client_ip: str) -> Identity:
@@ -123,7 +126,7 @@ class Authenticator:
         generation = self.cache.generation
         try:
             record = await self.store.lookup(digest_hex)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable("lookup", exc) from None
         if record is None or not record.active(time.time()):
             raise GatewayError(
@@ -138,7 +141,7 @@ class Authenticator:
             verdict = await ratelimit.hit(
                 self._redis, self.store.prefix, record.client, record.rate_limit
             )
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable("ratelimit", exc) from None
         if not verdict.allowed:
             raise GatewayError(
@@ -167,7 +170,7 @@ class Authenticator:
             await asyncio.sleep(PURGE_INTERVAL)
             try:
                 purged = await self.store.purge()
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if task_cancelling():
                     raise asyncio.CancelledError from exc
                 log.warning("purging expired keys failed: %s", type(exc).__name__)

@@ -112,6 +112,7 @@ class RevocationListener:
                 if self.subscribed.is_set():  # it had worked: retry quickly, then back off
                     delay = self._retry_delay
                 self.subscribed.clear()
+            _reraise_if_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
 
@@ -130,6 +131,9 @@ class RevocationListener:
             heard = pinged = time.monotonic()
             while True:
                 message = await pubsub.get_message(timeout=PING_INTERVAL)
+                # redis-py can swallow a cancel inside get_message (it returns None): a cancel
+                # is requested once, so without this check the task would never stop.
+                _reraise_if_cancelled()
                 now = time.monotonic()
                 if message is not None:
                     heard = now

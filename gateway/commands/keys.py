@@ -18,15 +18,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from gateway.auth.keystore import KeyRecord, KeyStore, NewKey
 from gateway.auth.ratelimit import RateLimit
 from gateway.commands import add_config_argument
 from gateway.config.loader import load_config
 from gateway.config.reader import ConfigError
 from gateway.config.units import parse_duration
-from gateway.redis_client import build_redis
+from gateway.redis_client import REDIS_ERRORS, build_redis
 
 DEFAULT_TTL = "90d"
 
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main())
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         print(f"error: Redis at {config.redis.url} failed: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

@@ -18,14 +18,19 @@ body is read, so a test can prove a body never reached the backend, or reached i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import os
+import re
 import select
 import socket
 import socketserver
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.support.procs import free_port
@@ -164,7 +169,9 @@ class FaultBackend:
         while (head := conn.head()) is not None:
             lines = head.decode("latin-1").split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
-            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+            }
             rec = Received(method, path, headers)
             with self._lock:
                 self._records.append(rec)
@@ -212,14 +219,18 @@ class FaultBackend:
             return False
         if path == "/fault/reset-response-chunked":
             conn.sock.sendall(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"y" * 1000 + b"\r\n"
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n"
+                + b"y" * 1000
+                + b"\r\n"
             )
             time.sleep(0.05)
             conn.reset()
             return False
         if path.startswith("/fault/big/"):
             return self._send_big(conn, rec, int(path.rsplit("/", 1)[1]))
-        body = json.dumps({"status": "success", "length": rec.length, "sha256": rec.sha256}).encode()
+        body = json.dumps(
+            {"status": "success", "length": rec.length, "sha256": rec.sha256}
+        ).encode()
         conn.sock.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body)
@@ -242,7 +253,31 @@ class FaultBackend:
         return True
 
 
-# -- raw client side ---------------------------------------------------------------------------
+# -- the client side: raw sockets ----------------------------------------------------------
+
+
+def raw_head(
+    method: str,
+    path: str,
+    secret: str,
+    ctype: str = "",
+    length: int | None = None,
+    chunked: bool = False,
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw", f"Authorization: Bearer {secret}"]
+    if ctype:
+        lines.append(f"Content-Type: {ctype}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def vanish(sock: socket.socket) -> None:
+    """Close with a RST, as a client whose process died or whose network went away."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+    sock.close()
 
 
 def response_complete(data: bytes) -> bool:
@@ -257,13 +292,27 @@ def response_complete(data: bytes) -> bool:
     return False
 
 
+def chunked_complete(body: bytes) -> bool:
+    """Whether a chunked body ends with its last (zero-size) chunk."""
+    pos = 0
+    while True:
+        end = body.find(b"\r\n", pos)
+        if end < 0:
+            return False
+        size = int(body[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return body[end + 2 :].startswith(b"\r\n")
+        pos = end + 2 + size + 2
+        if pos > len(body):
+            return False
+
+
 def send_while_listening(sock: socket.socket, payload: bytes, piece: int = 65536) -> bytes:
     """Send ``payload`` in pieces, stopping as soon as the server answers or hangs up.
 
     A gateway that refuses a body midway answers and closes while we are still sending; reading
     between pieces gets that answer before a RST (from unread bytes) could destroy it.
     """
-    received = b""
     for start in range(0, len(payload), piece):
         readable, _, _ = select.select([sock], [], [], 0)
         if readable:
@@ -272,7 +321,7 @@ def send_while_listening(sock: socket.socket, payload: bytes, piece: int = 65536
             sock.sendall(payload[start : start + piece])
         except OSError:
             break
-    return received + read_response(sock)
+    return read_response(sock)
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -288,3 +337,72 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
             break
         data += chunk
     return data
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+async def trickle_upload(
+    port: int, head: bytes, body: bytes, release: asyncio.Event, give_up: float
+) -> bytes:
+    """A slow chunked upload: half the body at once, then 100 bytes every 0.2 s until
+    ``release`` (then the rest) or ``give_up`` s. Returns the answer, ``b""`` if cut off."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        sent = len(body) // 2
+        writer.write(head + _chunk(body[:sent]))
+        await writer.drain()
+        deadline = time.monotonic() + give_up
+        while not release.is_set() and time.monotonic() < deadline:
+            writer.write(_chunk(body[sent : sent + 100]))
+            sent += 100
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 0.2)
+        if release.is_set():
+            writer.write(_chunk(body[sent:]) + b"0\r\n\r\n")
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), 15)
+    except OSError:
+        return b""
+    finally:
+        writer.close()
+
+
+def connect_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# -- the gateway process, seen from outside -----------------------------------------------------
+
+
+def open_fds(pid: int) -> dict[str, str]:
+    """fd -> what it points at (``socket:[…]``, a path, …) for a live process."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def gauge(admin_port: int, name: str) -> float:
+    """The sum of a Prometheus gauge's samples on the admin listener."""
+    with socket.create_connection(("127.0.0.1", admin_port)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        text = read_response(sock).decode()
+    found = re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in found)
