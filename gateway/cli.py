@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Authenticating, inspecting reverse proxy for uploads.",
     )
     parser.add_argument(
-        "--config", default=None, help="policies file (default $GATEWAY_CONFIG or " + DEFAULT_CONFIG + ")"
+        "--config",
+        default=None,
+        help="policies file (default $GATEWAY_CONFIG or " + DEFAULT_CONFIG + ")",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

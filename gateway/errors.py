@@ -1,7 +1,8 @@
 """Every response the gateway makes itself, in one table (SPEC §5), and problem+json rendering.
 
 A stage of the request path never builds a response: it raises :class:`GatewayError` with a code
-from :data:`ERRORS`, and :func:`problem_response` turns it into RFC 9457 ``application/problem+json``
+from :data:`ERRORS`, and :func:`problem_response` turns it into RFC 9457
+``application/problem+json``
 in one place. That keeps status codes, titles and the platform's own fields
 (``unValidActivity``…) consistent, and lets CORS and ``WWW-Authenticate`` be added once.
 """

@@ -61,7 +61,9 @@ class Forwarder:
                 context.verify_mode = ssl_module.CERT_NONE
             ssl = context
         connector = aiohttp.TCPConnector(
-            limit=self._config.pool_size, keepalive_timeout=30, ssl=ssl  # type: ignore[arg-type]
+            limit=self._config.pool_size,
+            keepalive_timeout=30,
+            ssl=ssl,  # type: ignore[arg-type]
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -65,7 +65,9 @@ async def _serve(
     request: web.Request, state: GatewayState, config: Config, record: RequestRecord
 ) -> web.StreamResponse:
     if is_preflight(request):
-        return await _forward(request, state, config, record, identity=None, body=_body(request, config))
+        return await _forward(
+            request, state, config, record, identity=None, body=_body(request, config)
+        )
     identity = await state.auth.authenticate(request.headers, request.remote or "")
     record.client_id = identity.client_id
     if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
@@ -93,7 +95,13 @@ async def _upload(
     state.metrics.inflight_uploads.inc()
     try:
         upload = await inspect_upload(
-            body, request.headers, target, identity.claims, config, state.spool_budget, state.metrics
+            body,
+            request.headers,
+            target,
+            identity.claims,
+            config,
+            state.spool_budget,
+            state.metrics,
         )
     finally:
         record.bytes_in = body.received
@@ -160,9 +168,7 @@ def _body(request: web.Request, config: Config) -> BodyStream | None:
     return BodyStream(request.content, config.server.body_timeout)
 
 
-def _backend_headers(
-    request: web.Request, rid: str, identity: Identity | None
-) -> CIMultiDict[str]:
+def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:
     """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
     headers = end_to_end(request.headers, drop=("content-length", "expect", "host"))
     for name in [k for k in headers if k.lower().startswith("x-gateway-")]:

@@ -56,5 +56,5 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
 
 
 def forwarded_for(existing: str | None, peer: str) -> str:
-    """Append the peer to any ``X-Forwarded-For`` chain, as nginx's ``$proxy_add_x_forwarded_for``."""
+    """Append the peer to any ``X-Forwarded-For`` chain (nginx's ``$proxy_add_x_forwarded_for``)."""
     return f"{existing}, {peer}" if existing else peer

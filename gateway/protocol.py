@@ -147,8 +147,9 @@ class GatewayProtocol(RequestHandler):
         if error.status >= 500:
             LOGGER.error("error serving a request from %s", request.remote, exc_info=exc)
         else:
-            LOGGER.info("refused a request from %s: %s (%s)", request.remote, error.code,
-                        type(exc).__name__)
+            LOGGER.info(
+                "refused a request from %s: %s (%s)", request.remote, error.code, type(exc).__name__
+            )
         return refuse(error, request.remote or "", self._options.metrics)
 
     def _fail_body(self, exc: BaseException) -> None:

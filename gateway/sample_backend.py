@@ -72,8 +72,11 @@ async def _any(request: web.Request) -> web.Response:
     if request.method in ("POST", "PUT") and any(p.match(request.path) for p in UPLOAD_PATHS):
         return _store_upload(request, body)
     return web.json_response(
-        {"status": "success", "description": "echo", "data": {"method": request.method,
-         "path": request.raw_path, "length": len(body)}}
+        {
+            "status": "success",
+            "description": "echo",
+            "data": {"method": request.method, "path": request.raw_path, "length": len(body)},
+        }
     )
 
 
@@ -85,6 +88,7 @@ def _store_upload(request: web.Request, body: bytes) -> web.Response:
     fields: dict[str, str] = {}
     ctype = request.headers.get("Content-Type", "")
     if ctype.startswith("multipart/form-data"):
+
         def on_file(file: Any) -> None:
             name = _SAFE_NAME.sub("_", (file.file_name or b"file").decode(errors="replace"))[:100]
             file.file_object.seek(0)
@@ -101,8 +105,11 @@ def _store_upload(request: web.Request, body: bytes) -> web.Response:
         (folder / "body").write_bytes(body)
         saved.append({"field": None, "fileName": "body", "size": len(body)})
     return web.json_response(
-        {"status": "success", "description": "Files uploaded", "data": {
-            "objectId": folder.name, "files": saved, "fields": fields}}
+        {
+            "status": "success",
+            "description": "Files uploaded",
+            "data": {"objectId": folder.name, "files": saved, "fields": fields},
+        }
     )
 
 

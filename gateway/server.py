@@ -36,7 +36,7 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def setup_logging(level: str) -> None:
-    """Every line on stdout is one JSON object: access lines as built, the rest via JsonFormatter."""
+    """Every line on stdout is one JSON object: access lines as built, the rest JsonFormatter's."""
     root = logging.getLogger()
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stdout)

@@ -73,8 +73,9 @@ def _aad(index: int, last: bool) -> bytes:
 class Spool:
     """One upload's body. Write with :meth:`write`, then :meth:`seal`, read with :meth:`chunks`."""
 
-    def __init__(self, config: SpoolConfig, budget: SpoolBudget,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: SpoolConfig, budget: SpoolBudget, metrics: Metrics | None = None
+    ) -> None:
         self._config = config
         self._budget = budget
         self._metrics = metrics

@@ -61,15 +61,19 @@ async def test_bad_secrets_are_401_and_reach_nothing(
     gateway: GatewayProc, backend: BackendProc, api_key: str, token: str | None, code: str
 ) -> None:
     if token == "FORGED_WRONG_KEY":
-        token = jwt.encode({"exp": int(time.time()) + 60, "client_secret": api_key},
-                           "another-key-entirely-0123456789abcdef", algorithm="HS256")
+        token = jwt.encode(
+            {"exp": int(time.time()) + 60, "client_secret": api_key},
+            "another-key-entirely-0123456789abcdef",
+            algorithm="HS256",
+        )
     elif token == "FORGED_EXPIRED":
         token = forge(api_key, exp=int(time.time()) - 3600)
     elif token == "FORGED_NO_CLIENT_SECRET":
         token = forge(None)
     elif token == "FORGED_ALG_NONE":
-        token = jwt.encode({"exp": int(time.time()) + 60, "client_secret": api_key}, None,
-                           algorithm="none")
+        token = jwt.encode(
+            {"exp": int(time.time()) + 60, "client_secret": api_key}, None, algorithm="none"
+        )
     status, doc, headers = await get(gateway.url, token)
     assert status == 401
     assert doc["code"] == code
@@ -149,8 +153,9 @@ async def test_rotation_keeps_the_old_key_during_the_overlap_only(
 ) -> None:
     out = cli(gateway.config_path, "keys", "add", "--client", "rotating", "--json")
     old_token = forge(json.loads(out.stdout)["api_key"])
-    out = cli(gateway.config_path, "keys", "rotate", "--client", "rotating", "--overlap", "3s",
-              "--json")
+    out = cli(
+        gateway.config_path, "keys", "rotate", "--client", "rotating", "--overlap", "3s", "--json"
+    )
     rotated_at = time.monotonic()
     new_token = forge(json.loads(out.stdout)["api_key"])
     assert (await get(gateway.url, old_token))[0] == 200

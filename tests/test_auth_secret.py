@@ -26,9 +26,11 @@ EC_PRIVATE = ec.generate_private_key(ec.SECP256R1())
 
 
 def _pem(private: Any) -> bytes:
-    return bytes(private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ))
+    return bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 RSA_PUBLIC_PEM = _pem(RSA_PRIVATE)
@@ -38,11 +40,13 @@ EC_PUBLIC_PEM = _pem(EC_PRIVATE)
 def config(algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")) -> AuthConfig:
     return AuthConfig(
         algorithms=algorithms,
-        keys=MappingProxyType({
-            "default": SigningKey("default", secret=SecretValue(HS_KEY)),
-            "rsa-1": SigningKey("rsa-1", public_key_pem=RSA_PUBLIC_PEM),
-            "ec-1": SigningKey("ec-1", public_key_pem=EC_PUBLIC_PEM),
-        }),
+        keys=MappingProxyType(
+            {
+                "default": SigningKey("default", secret=SecretValue(HS_KEY)),
+                "rsa-1": SigningKey("rsa-1", public_key_pem=RSA_PUBLIC_PEM),
+                "ec-1": SigningKey("ec-1", public_key_pem=EC_PUBLIC_PEM),
+            }
+        ),
         leeway=2.0,
     )
 
@@ -54,9 +58,11 @@ def _b64(data: bytes) -> str:
 def forge(header: dict[str, Any], payload: dict[str, Any], hmac_key: bytes | None) -> str:
     """A token built by hand, the way an attacker would (PyJWT refuses to make these)."""
     signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(payload).encode())
-    signature = b"" if hmac_key is None else hmac.new(
-        hmac_key, signing_input.encode(), hashlib.sha256
-    ).digest()
+    signature = (
+        b""
+        if hmac_key is None
+        else hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()
+    )
     return signing_input + "." + _b64(signature)
 
 
@@ -94,8 +100,9 @@ def test_token_without_kid_uses_the_default_key() -> None:
     assert isinstance(SecretVerifier(config()).verify(token), VerifiedSecret)
 
 
-@pytest.mark.parametrize("kid,private,algorithm", [("rsa-1", RSA_PRIVATE, "RS256"),
-                                                   ("ec-1", EC_PRIVATE, "ES256")])
+@pytest.mark.parametrize(
+    "kid,private,algorithm", [("rsa-1", RSA_PRIVATE, "RS256"), ("ec-1", EC_PRIVATE, "ES256")]
+)
 def test_public_key_algorithms_selected_by_kid(kid: str, private: Any, algorithm: str) -> None:
     token = mint(API_KEY, private, algorithm, kid=kid)
     assert SecretVerifier(config()).verify(token).kid == kid
@@ -119,11 +126,15 @@ def test_rs256_public_key_used_as_hs256_secret_is_refused() -> None:
     """Algorithm confusion: the attacker knows the public key and signs HS256 with it."""
     for kid in ("rsa-1", None):
         header = {"alg": "HS256", "typ": "JWT", **({"kid": kid} if kid else {})}
-        cfg = config() if kid else AuthConfig(
-            algorithms=("HS256", "RS256"),
-            keys=MappingProxyType(
-                {"default": SigningKey("default", public_key_pem=RSA_PUBLIC_PEM)}
-            ),
+        cfg = (
+            config()
+            if kid
+            else AuthConfig(
+                algorithms=("HS256", "RS256"),
+                keys=MappingProxyType(
+                    {"default": SigningKey("default", public_key_pem=RSA_PUBLIC_PEM)}
+                ),
+            )
         )
         refused(forge(header, claims(), RSA_PUBLIC_PEM), cfg=cfg)
 
@@ -143,8 +154,10 @@ def test_missing_exp() -> None:
 
 
 def test_expired_beyond_leeway() -> None:
-    refused(jwt.encode(claims(exp=int(time.time()) - 10), HS_KEY, algorithm="HS256"),
-            code="expired_secret")
+    refused(
+        jwt.encode(claims(exp=int(time.time()) - 10), HS_KEY, algorithm="HS256"),
+        code="expired_secret",
+    )
 
 
 def test_expired_within_leeway_still_passes() -> None:

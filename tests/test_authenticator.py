@@ -30,7 +30,9 @@ from tests.support.procs import RedisServer
 SIGNING = b"authenticator-test-key-0123456789abcdef"
 AUTH = AuthConfig(
     keys=MappingProxyType({"default": SigningKey("default", secret=SecretValue(SIGNING))}),
-    leeway=1.0, cache_ttl=5.0, retry_after=2,
+    leeway=1.0,
+    cache_ttl=5.0,
+    retry_after=2,
 )
 IP = "203.0.113.7"
 MakeAuth = Callable[..., Awaitable[Authenticator]]
@@ -54,9 +56,7 @@ async def make_auth(prefix: str) -> AsyncIterator[MakeAuth]:
     """Authenticators, each with its own client and pool (like separate gateway processes)."""
     made: list[tuple[Authenticator, Redis]] = []
 
-    async def make(
-        url: str, metrics: Metrics | None = None, **redis_options: Any
-    ) -> Authenticator:
+    async def make(url: str, metrics: Metrics | None = None, **redis_options: Any) -> Authenticator:
         redis = build_redis(RedisConfig(url=url, key_prefix=prefix, **redis_options))
         auth = Authenticator(AUTH, redis, prefix, metrics)
         await auth.start()
@@ -128,8 +128,12 @@ async def test_valid_secret_gives_identity_without_the_key(
 
 async def test_missing_or_non_bearer_secret(make_auth: MakeAuth, redis_server: RedisServer) -> None:
     auth = await make_auth(redis_server.url)
-    for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic dXNlcjpwdw=="},
-                    {"Authorization": "Bearer "}):
+    for headers in (
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Basic dXNlcjpwdw=="},
+        {"Authorization": "Bearer "},
+    ):
         error = await refused(auth, headers, "missing_secret")
         assert error.status == 401 and error.headers == {"WWW-Authenticate": "Bearer"}
 

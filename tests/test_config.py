@@ -86,7 +86,8 @@ def issues_of(text: str, env: dict[str, str] | None = None, **kwargs: bool) -> l
 
 def write_public_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
     pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     path.write_bytes(pem)
     return str(path)
 
@@ -118,23 +119,35 @@ def test_shipped_policies_yaml_is_valid_and_matches_spec() -> None:
     assert config.spool.dir == "var/spool"
     assert set(config.channels) == {"default", "whatsapp"}
     assert config.channels["default"].agents.allowed_types == (
-        "images", "documents", "application/zip")
+        "images",
+        "documents",
+        "application/zip",
+    )
     assert config.channels["whatsapp"].customers.enabled is False
 
 
-@pytest.mark.parametrize(("written", "expected"), [
-    ("20MB", 20 * MiB), ("20MiB", 20 * MiB), ("20 mb", 20 * MiB), ("20971520", 20 * MiB),
-    ("1048577", MiB + 1), ("512KiB", 512 * 1024), ("512KB", 512 * 1024),
-])
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("20MB", 20 * MiB),
+        ("20MiB", 20 * MiB),
+        ("20 mb", 20 * MiB),
+        ("20971520", 20 * MiB),
+        ("1048577", MiB + 1),
+        ("512KiB", 512 * 1024),
+        ("512KB", 512 * 1024),
+    ],
+)
 def test_sizes_mb_and_mib_are_both_binary(written: str, expected: int) -> None:
     text = mutate("max_request_size: 50MB", f"max_request_size: {written}")
     assert load_config_text(text, env=ENV).limits.max_request_size == expected
 
 
 def test_omitted_role_settings_inherit_or_deny() -> None:
-    text = mutate('    customers: {enabled: false}\n', "")  # whatsapp leaves customers out
-    text = mutate("{enabled: true, max_file_size: 16MB, allowed_types", "{enabled: true, "
-                  "allowed_types", text)
+    text = mutate("    customers: {enabled: false}\n", "")  # whatsapp leaves customers out
+    text = mutate(
+        "{enabled: true, max_file_size: 16MB, allowed_types", "{enabled: true, allowed_types", text
+    )
     text = mutate("max_file_size: 20MB\n", "max_file_size: 18MB\n", text)
     text = mutate("max_file_size: 20MB, allowed_types", "allowed_types", text)
     text += "  report_only: {mode: report, agents: {enabled: true}, enabled: true}\n"
@@ -185,66 +198,174 @@ def test_secret_never_in_repr() -> None:
 ERROR_CASES = [
     # (old, new, expected key, text on the expected line, words in the message)
     ("mode: enforce\n", "mode: enforce\nlistne: 1\n", "listne", "listne", "unknown key"),
-    ("allowed_types: [image/png, .pdf]", "allowed_types: [.pdf], max_filesize: 1MB",
-     "channels.default.customers.max_filesize", "customers:", "unknown key"),
+    (
+        "allowed_types: [image/png, .pdf]",
+        "allowed_types: [.pdf], max_filesize: 1MB",
+        "channels.default.customers.max_filesize",
+        "customers:",
+        "unknown key",
+    ),
     ("max_files: 10", "max_files: ten", "limits.max_files", "max_files", "integer"),
     ("max_files: 10", "max_files: [1]", "limits.max_files", "max_files", "not a list"),
     ("listen: 0.0.0.0:8080", "listen: 0.0.0.0", "listen", "listen:", "host:port"),
-    ("admin_listen: 127.0.0.1:9102", "admin_listen: 127.0.0.1:99999", "admin_listen",
-     "admin_listen", "host:port"),
-    ('url: "http://127.0.0.1:8081"', 'url: "ftp://127.0.0.1:8081"', "backend.url", "backend:",
-     "http://"),
+    (
+        "admin_listen: 127.0.0.1:9102",
+        "admin_listen: 127.0.0.1:99999",
+        "admin_listen",
+        "admin_listen",
+        "host:port",
+    ),
+    (
+        'url: "http://127.0.0.1:8081"',
+        'url: "ftp://127.0.0.1:8081"',
+        "backend.url",
+        "backend:",
+        "http://",
+    ),
     ("mode: enforce", "mode: block", "mode", "mode:", "enforce, report"),
-    ("algorithms: [HS256]", "algorithms: [HS256, none]", "auth.algorithms[1]", "algorithms",
-     "never allowed"),
+    (
+        "algorithms: [HS256]",
+        "algorithms: [HS256, none]",
+        "auth.algorithms[1]",
+        "algorithms",
+        "never allowed",
+    ),
     ("algorithms: [HS256]", "algorithms: []", "auth.algorithms", "algorithms", "at least one"),
-    ("algorithms: [HS256]", "algorithms: [HS256, EdDSA]", "auth.algorithms[1]", "algorithms",
-     "not supported"),
-    ("{default: {secret_env: GATEWAY_SIGNING_KEY}}",
-     "{default: {secret_env: GATEWAY_SIGNING_KEY, public_key_file: /x.pem}}",
-     "auth.keys.default", "keys:", "exactly one"),
-    ("{default: {secret_env: GATEWAY_SIGNING_KEY}}", "{other: {secret_env: NOT_SET_ANYWHERE}}",
-     "auth.keys.other.secret_env", "keys:", "NOT_SET_ANYWHERE is not set"),
-    ("max_file_size: 16MB", "max_file_size: 25MB", "channels.whatsapp.agents.max_file_size",
-     "max_file_size: 25MB", "above limits.max_file_size (20MB)"),
-    ("max_file_size: 20MB\n", "max_file_size: 21MB\n", "limits.max_file_size",
-     "max_file_size: 21MB", "system cap of 20MB"),
-    ("max_file_size: 20MB\n", "max_file_size: 20971521\n", "limits.max_file_size",
-     "max_file_size: 20971521", "system cap"),
+    (
+        "algorithms: [HS256]",
+        "algorithms: [HS256, EdDSA]",
+        "auth.algorithms[1]",
+        "algorithms",
+        "not supported",
+    ),
+    (
+        "{default: {secret_env: GATEWAY_SIGNING_KEY}}",
+        "{default: {secret_env: GATEWAY_SIGNING_KEY, public_key_file: /x.pem}}",
+        "auth.keys.default",
+        "keys:",
+        "exactly one",
+    ),
+    (
+        "{default: {secret_env: GATEWAY_SIGNING_KEY}}",
+        "{other: {secret_env: NOT_SET_ANYWHERE}}",
+        "auth.keys.other.secret_env",
+        "keys:",
+        "NOT_SET_ANYWHERE is not set",
+    ),
+    (
+        "max_file_size: 16MB",
+        "max_file_size: 25MB",
+        "channels.whatsapp.agents.max_file_size",
+        "max_file_size: 25MB",
+        "above limits.max_file_size (20MB)",
+    ),
+    (
+        "max_file_size: 20MB\n",
+        "max_file_size: 21MB\n",
+        "limits.max_file_size",
+        "max_file_size: 21MB",
+        "system cap of 20MB",
+    ),
+    (
+        "max_file_size: 20MB\n",
+        "max_file_size: 20971521\n",
+        "limits.max_file_size",
+        "max_file_size: 20971521",
+        "system cap",
+    ),
     ("  default:\n", "  defualt:\n", "channels.default", "channels:", "required"),
-    ('"image/*", audio/ogg', '"image/*", executable', "channels.whatsapp.agents.allowed_types[1]",
-     "executable", "not a MIME type"),
-    ('"image/*", audio/ogg', '"image/*", pdf', "channels.whatsapp.agents.allowed_types[1]",
-     '"image/*", pdf', "not a MIME type"),
-    ("- path: /whatsapp/uploadmedia/{channel}", "- path: /whatsapp/uploadmedia/{stream}",
-     "uploads.routes[2].path", "uploadmedia", "{channel}"),
-    ("- path: /streams/{channel}/objects\n", "- path: streams/{channel}/objects\n",
-     "uploads.routes[0].path", "streams/{channel}/objects", "start with /"),
-    ("methods: [POST, PUT]", "methods: [POST, GET]", "uploads.routes[2].methods[1]", "methods:",
-     "POST, PUT, PATCH"),
+    (
+        '"image/*", audio/ogg',
+        '"image/*", executable',
+        "channels.whatsapp.agents.allowed_types[1]",
+        "executable",
+        "not a MIME type",
+    ),
+    (
+        '"image/*", audio/ogg',
+        '"image/*", pdf',
+        "channels.whatsapp.agents.allowed_types[1]",
+        '"image/*", pdf',
+        "not a MIME type",
+    ),
+    (
+        "- path: /whatsapp/uploadmedia/{channel}",
+        "- path: /whatsapp/uploadmedia/{stream}",
+        "uploads.routes[2].path",
+        "uploadmedia",
+        "{channel}",
+    ),
+    (
+        "- path: /streams/{channel}/objects\n",
+        "- path: streams/{channel}/objects\n",
+        "uploads.routes[0].path",
+        "streams/{channel}/objects",
+        "start with /",
+    ),
+    (
+        "methods: [POST, PUT]",
+        "methods: [POST, GET]",
+        "uploads.routes[2].methods[1]",
+        "methods:",
+        "POST, PUT, PATCH",
+    ),
     ("default: customer", "default: admin", "uploads.role.default", "default: admin", "agent"),
-    ("sniff_bytes: 8KiB", "sniff_bytes: 100", "uploads.sniff_bytes", "sniff_bytes",
-     "between 512 bytes and 64KiB"),
+    (
+        "sniff_bytes: 8KiB",
+        "sniff_bytes: 100",
+        "uploads.sniff_bytes",
+        "sniff_bytes",
+        "between 512 bytes and 64KiB",
+    ),
     ("sniff_bytes: 8KiB", "sniff_bytes: 65KiB", "uploads.sniff_bytes", "sniff_bytes", "between"),
-    ("max_files: 10", "max_files: 10\n  max_files: 11", "limits.max_files", "max_files: 11",
-     "duplicate key"),
-    ("connect_timeout: 5s", "connect_timeout: soon", "backend.connect_timeout", "backend:",
-     "duration"),
-    ("customers: {enabled: false}", "customers: {enabled: maybe}",
-     "channels.whatsapp.customers.enabled", "enabled: maybe", "true or false"),
+    (
+        "max_files: 10",
+        "max_files: 10\n  max_files: 11",
+        "limits.max_files",
+        "max_files: 11",
+        "duplicate key",
+    ),
+    (
+        "connect_timeout: 5s",
+        "connect_timeout: soon",
+        "backend.connect_timeout",
+        "backend:",
+        "duration",
+    ),
+    (
+        "customers: {enabled: false}",
+        "customers: {enabled: maybe}",
+        "channels.whatsapp.customers.enabled",
+        "enabled: maybe",
+        "true or false",
+    ),
     ("header: Authorization", "header: Author ization", "auth.header", "header:", "header name"),
-    ('allowed_origins: ["https://chat.example.com"]', 'allowed_origins: ["chat.example.com/"]',
-     "cors.allowed_origins[0]", "allowed_origins", "https://host"),
-    ("redis: {url: ", "redis: {cluster: true, sentinels: [a:1], url: ", "redis", "redis:",
-     "not both"),
+    (
+        'allowed_origins: ["https://chat.example.com"]',
+        'allowed_origins: ["chat.example.com/"]',
+        "cors.allowed_origins[0]",
+        "allowed_origins",
+        "https://host",
+    ),
+    (
+        "redis: {url: ",
+        "redis: {cluster: true, sentinels: [a:1], url: ",
+        "redis",
+        "redis:",
+        "not both",
+    ),
     ("mode: enforce\n", "mode: enforce\nlog_level: loud\n", "log_level", "log_level", "INFO"),
 ]
 
 
-@pytest.mark.parametrize(("old", "new", "key", "line_text", "words"), ERROR_CASES,
-                         ids=[case[2] + ":" + case[4] for case in ERROR_CASES])
-def test_each_rule_reports_key_and_line(old: str, new: str, key: str, line_text: str,
-                                        words: str) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "key", "line_text", "words"),
+    ERROR_CASES,
+    ids=[case[2] + ":" + case[4] for case in ERROR_CASES],
+)
+def test_each_rule_reports_key_and_line(
+    old: str, new: str, key: str, line_text: str, words: str
+) -> None:
     text = mutate(old, new)
     issues = issues_of(text)
     assert [(i.key, i.line) for i in issues] == [(key, line_of(text, line_text))], issues
@@ -312,8 +433,9 @@ def test_public_key_must_fit_the_algorithms(tmp_path: Path) -> None:
 def test_unreadable_public_key_file(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a key")
     for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
-        text = mutate("{default: {secret_env: GATEWAY_SIGNING_KEY}}",
-                      f"{{k: {{public_key_file: {path}}}}}")
+        text = mutate(
+            "{default: {secret_env: GATEWAY_SIGNING_KEY}}", f"{{k: {{public_key_file: {path}}}}}"
+        )
         text = mutate("[HS256]", "[RS256]", text)
         (issue,) = issues_of(text, env={}, require_secrets=False)
         assert issue.key == "auth.keys.k.public_key_file" and "PEM" in issue.message
@@ -323,9 +445,13 @@ def test_unreadable_public_key_file(tmp_path: Path) -> None:
 
 
 def test_env_overrides_apply() -> None:
-    env = {**ENV, "GATEWAY_LISTEN": "127.0.0.1:18080", "GATEWAY_ADMIN_LISTEN": "[::1]:19102",
-           "GATEWAY_REDIS_URL": "redis://10.0.0.5:6380/2",
-           "GATEWAY_BACKEND_URL": "https://backend.internal"}
+    env = {
+        **ENV,
+        "GATEWAY_LISTEN": "127.0.0.1:18080",
+        "GATEWAY_ADMIN_LISTEN": "[::1]:19102",
+        "GATEWAY_REDIS_URL": "redis://10.0.0.5:6380/2",
+        "GATEWAY_BACKEND_URL": "https://backend.internal",
+    }
     config = load_config_text(BASE, env=env)
     assert config.listen == HostPort("127.0.0.1", 18080)
     assert config.admin_listen == HostPort("::1", 19102)
@@ -335,16 +461,25 @@ def test_env_overrides_apply() -> None:
 
 
 def test_bad_env_overrides_name_the_variable() -> None:
-    env = {**ENV, "GATEWAY_LISTEN": "nowhere", "GATEWAY_REDIS_URL": "http://x",
-           "GATEWAY_BACKEND_URL": "ftp://x"}
+    env = {
+        **ENV,
+        "GATEWAY_LISTEN": "nowhere",
+        "GATEWAY_REDIS_URL": "http://x",
+        "GATEWAY_BACKEND_URL": "ftp://x",
+    }
     issues = issues_of(BASE, env=env)
     assert {(i.key, i.line) for i in issues} == {
-        ("GATEWAY_LISTEN", None), ("GATEWAY_REDIS_URL", None), ("GATEWAY_BACKEND_URL", None)}
+        ("GATEWAY_LISTEN", None),
+        ("GATEWAY_REDIS_URL", None),
+        ("GATEWAY_BACKEND_URL", None),
+    }
 
 
 def test_signing_key_env_overrides_or_creates_default() -> None:
-    other = mutate("{default: {secret_env: GATEWAY_SIGNING_KEY}}",
-                   "{default: {secret_env: UNSET_VAR}, old: {secret_env: OLD_KEY}}")
+    other = mutate(
+        "{default: {secret_env: GATEWAY_SIGNING_KEY}}",
+        "{default: {secret_env: UNSET_VAR}, old: {secret_env: OLD_KEY}}",
+    )
     config = load_config_text(other, env={"GATEWAY_SIGNING_KEY": "new", "OLD_KEY": "old"})
     assert config.auth.keys["default"].secret == SecretValue(b"new")  # UNSET_VAR not needed
     assert config.auth.keys["old"].secret == SecretValue(b"old")
@@ -371,8 +506,14 @@ def test_load_config_reads_files_and_reports_missing(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(gateway_command(*args), cwd=REPO, env=child_env(**env),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        gateway_command(*args),
+        cwd=REPO,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_check_config_exit_codes(tmp_path: Path) -> None:
@@ -388,6 +529,5 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     failed = run_cli("--config", str(bad), "check-config")  # global --config, no FILE
     assert failed.returncode == 1
     assert f"{bad}:{line_of(text, 'x: 1')}: limits.x: unknown key" in failed.stderr
-    assert (f"{bad}:{line_of(text, '30MB')}: channels.whatsapp.agents.max_file_size"
-            in failed.stderr)
+    assert f"{bad}:{line_of(text, '30MB')}: channels.whatsapp.agents.max_file_size" in failed.stderr
     assert "OK" not in failed.stdout

@@ -96,8 +96,15 @@ def test_kustomization_lists_exactly_the_manifests_one_kind_each() -> None:
     assert sorted(kustomization["resources"]) == sorted(files)
     assert "namespace" not in kustomization  # the caller chooses it
     assert len(files) == len(manifests())
-    assert set(manifests()) == {"ConfigMap", "Deployment", "HorizontalPodAutoscaler",
-                                "PodDisruptionBudget", "Secret", "Service", "ServiceMonitor"}
+    assert set(manifests()) == {
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceMonitor",
+    }
 
 
 def test_service_and_servicemonitor_reach_the_pods() -> None:
@@ -109,7 +116,9 @@ def test_service_and_servicemonitor_reach_the_pods() -> None:
     assert container_ports == {"http": 8080, "metrics": 9102}
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert {name: p["targetPort"] for name, p in service_ports.items()} == {
-        "http": "http", "metrics": "metrics"}
+        "http": "http",
+        "metrics": "metrics",
+    }
     assert service_ports["http"]["port"] == 8080
 
     monitor = kinds["ServiceMonitor"]  # a CRD: no schema ships for it, so check its shape
@@ -130,7 +139,10 @@ def test_autoscaler_and_disruption_budget_target_the_deployment() -> None:
     hpa = kinds["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
     assert hpa["spec"]["minReplicas"] >= 2  # so the PDB can always evict one
@@ -144,8 +156,10 @@ def test_autoscaler_and_disruption_budget_target_the_deployment() -> None:
 
 def test_probes_hit_the_admin_endpoints() -> None:
     container = gateway_container()
-    probes = {name: container[name]["httpGet"] for name in
-              ("startupProbe", "livenessProbe", "readinessProbe")}
+    probes = {
+        name: container[name]["httpGet"]
+        for name in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
     assert probes["readinessProbe"] == {"path": "/readyz", "port": "metrics"}
     assert probes["livenessProbe"] == {"path": "/healthz", "port": "metrics"}
     assert probes["startupProbe"]["port"] == "metrics"
@@ -162,8 +176,10 @@ def test_pod_runs_non_root_with_a_read_only_root() -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "256Mi"},
-                                      "limits": {"cpu": "2", "memory": "512Mi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "2", "memory": "512Mi"},
+    }
 
 
 def test_config_and_signing_key_come_from_the_configmap_and_secret() -> None:
@@ -212,8 +228,14 @@ def test_configmap_policy_passes_check_config(tmp_path: Path) -> None:
     policy = tmp_path / "policies.yaml"
     policy.write_text(manifests()["ConfigMap"]["data"]["policies.yaml"])
     env = child_env(GATEWAY_SIGNING_KEY="x" * 32)
-    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(policy)],
-                            capture_output=True, text=True, env=env, timeout=30, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(policy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -230,8 +252,11 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     result = run_promtool("test", "rules", PROM / "alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     alerts = {r["alert"] for g in load_yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]}
-    tested = {t["alertname"] for case in load_yaml(PROM / "alerts_test.yml")["tests"]
-              for t in case["alert_rule_test"]}
+    tested = {
+        t["alertname"]
+        for case in load_yaml(PROM / "alerts_test.yml")["tests"]
+        for t in case["alert_rule_test"]
+    }
     assert alerts == tested
 
 
@@ -241,8 +266,11 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
 def defined_metrics() -> dict[str, set[str]]:
     """Every series name the gateway can export, mapped to the labels it may carry."""
     metrics = Metrics()
-    labels = {c._name: set(c._labelnames) for c in vars(metrics).values()
-              if isinstance(c, MetricWrapperBase)}
+    labels = {
+        c._name: set(c._labelnames)
+        for c in vars(metrics).values()
+        if isinstance(c, MetricWrapperBase)
+    }
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
@@ -265,8 +293,12 @@ def check_references(expr: str, defined: dict[str, set[str]]) -> set[str]:
     unknown = used - defined.keys()
     assert not unknown, f"{expr!r} uses undefined metrics {unknown}"
     allowed = set().union(*(defined[m] for m in used))
-    grouped = [n.strip() for g in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
-               for n in g.split(",") if n.strip()]
+    grouped = [
+        n.strip()
+        for g in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
+        for n in g.split(",")
+        if n.strip()
+    ]
     matched = re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr)
     assert set(grouped + matched) <= allowed, f"{expr!r} uses labels outside {allowed}"
     return used
@@ -408,8 +440,11 @@ def test_dockerfile_builds_a_wheel_then_a_slim_non_root_image() -> None:
 
 
 def test_dockerfile_copies_only_existing_files_the_ignore_file_lets_through() -> None:
-    ignore = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if line and not line.startswith("#")]
+    ignore = [
+        line
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert ignore[0] == "**"  # everything out, then only what the build needs back in
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     copies = [a.split() for stage in dockerfile_stages() for k, a in stage if k == "COPY"]

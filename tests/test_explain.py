@@ -30,8 +30,9 @@ def explain(policies: Path, *args: str) -> int:
     return main(["--config", str(policies), "explain", *args])
 
 
-def test_accepted_file_shows_type_policy_and_sources(policies: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_accepted_file_shows_type_policy_and_sources(
+    policies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "invoice.pdf", files.pdf())
     assert explain(policies, "--channel", "whatsapp", "--role", "agent", path) == 0
     out = capsys.readouterr().out
@@ -41,8 +42,9 @@ def test_accepted_file_shows_type_policy_and_sources(policies: Path, tmp_path: P
     assert "verdict:      ACCEPTED" in out
 
 
-def test_executable_renamed_pdf_is_rejected_with_reason(policies: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_executable_renamed_pdf_is_rejected_with_reason(
+    policies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "invoice.pdf", files.pe())
     assert explain(policies, "--channel", "whatsapp", "--role", "agent", path) == 1
     out = capsys.readouterr().out
@@ -50,14 +52,19 @@ def test_executable_renamed_pdf_is_rejected_with_reason(policies: Path, tmp_path
     assert "named .pdf but its content is application/vnd.microsoft.portable-executable" in out
 
 
-def test_json_output_and_size_limit(policies: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_output_and_size_limit(
+    policies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "photo.png", files.make("png", 501))
     assert explain(policies, "--json", "--channel", "small", "--role", "customer", path) == 1
     answer = json.loads(capsys.readouterr().out)
     assert answer["verdict"] == "reject"
-    assert answer["file"] == {"name": "photo.png", "size": 501, "declared_type": None,
-                              "sniffed_type": "image/png"}
+    assert answer["file"] == {
+        "name": "photo.png",
+        "size": 501,
+        "declared_type": None,
+        "sniffed_type": "image/png",
+    }
     assert answer["reason"]["code"] == "file_too_large"
     assert answer["reason"]["limit_source"] == "channels.small.customers.max_file_size"
     assert answer["policy"]["max_file_size"]["bytes"] == 500
@@ -65,8 +72,9 @@ def test_json_output_and_size_limit(policies: Path, tmp_path: Path,
     assert explain(policies, "--json", "--channel", "small", "--role", "customer", path) == 0
 
 
-def test_report_mode_passes_but_says_it_would_reject(policies: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_mode_passes_but_says_it_would_reject(
+    policies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "clip.mp4", files.mp4())
     assert explain(policies, "--channel", "tools", "--role", "agent", path) == 0
     out = capsys.readouterr().out
@@ -76,13 +84,15 @@ def test_report_mode_passes_but_says_it_would_reject(policies: Path, tmp_path: P
     assert "channels.default.customers.allowed_types" in capsys.readouterr().out
 
 
-def test_disabled_role_and_declared_type(policies: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_disabled_role_and_declared_type(
+    policies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "a.png", files.png())
     assert explain(policies, "--channel", "whatsapp", "--role", "customer", path) == 1
     assert "403 uploads_disabled" in capsys.readouterr().out
-    assert explain(policies, "--channel", "12345", "--role", "agent", "--type", "video/mp4",
-                   path) == 1
+    assert (
+        explain(policies, "--channel", "12345", "--role", "agent", "--type", "video/mp4", path) == 1
+    )
     out = capsys.readouterr().out
     assert "channel:      default" in out and "declared as video/mp4" in out
 
@@ -95,8 +105,21 @@ def test_missing_file_is_exit_2(policies: Path, capsys: pytest.CaptureFixture[st
 def test_the_installed_command(policies: Path, tmp_path: Path) -> None:
     path = write(tmp_path, "notes.txt", files.text())
     result = subprocess.run(
-        gateway_command("explain", "--config", str(policies), "--channel", "default",
-                        "--role", "agent", "--json", path),
-        capture_output=True, env=child_env(), timeout=30, check=False)
+        gateway_command(
+            "explain",
+            "--config",
+            str(policies),
+            "--channel",
+            "default",
+            "--role",
+            "agent",
+            "--json",
+            path,
+        ),
+        capture_output=True,
+        env=child_env(),
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["file"]["sniffed_type"] == "text/plain"

@@ -99,9 +99,7 @@ SMUGGLING: dict[str, tuple[tuple[str, ...], bytes]] = {
     "transfer_encoding_trailing_comma": (("Transfer-Encoding: chunked,",), ABC),
     "transfer_encoding_identity": (("Transfer-Encoding: identity", "Content-Length: 3"), b"abc"),
     "duplicated_transfer_encoding": ((CHUNKED, CHUNKED), ABC),
-    "transfer_encoding_gzip_and_chunked_headers": (
-        ("Transfer-Encoding: gzip", CHUNKED), ABC
-    ),
+    "transfer_encoding_gzip_and_chunked_headers": (("Transfer-Encoding: gzip", CHUNKED), ABC),
     "transfer_encoding_space_before_colon": (("Transfer-Encoding : chunked",), ABC),
     "transfer_encoding_vertical_tab": (("Transfer-Encoding:\x0bchunked",), ABC),
     "obs_fold_with_space": (("X-Folded: one", " two"), b""),

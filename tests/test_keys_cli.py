@@ -51,9 +51,11 @@ def run_json(config_path: Path, *args: str) -> Any:
 
 
 def hs_auth() -> AuthConfig:
-    return AuthConfig(keys=MappingProxyType({
-        "default": SigningKey("default", secret=SecretValue(SIGNING_KEY.encode()))
-    }))
+    return AuthConfig(
+        keys=MappingProxyType(
+            {"default": SigningKey("default", secret=SecretValue(SIGNING_KEY.encode()))}
+        )
+    )
 
 
 async def authenticate(redis_url: str, prefix: str, secret: str, auth: AuthConfig) -> str:
@@ -70,15 +72,39 @@ async def authenticate(redis_url: str, prefix: str, secret: str, auth: AuthConfi
 async def test_add_mint_and_authenticate(
     config_path: Path, redis_server: RedisServer, prefix: str
 ) -> None:
-    added = run_json(config_path, "keys", "add", "--client", "acme", "--ttl", "90d",
-                     "--label", "ci", "--allow-ip", "198.51.100.0/24", "--rate-limit", "50/60s")
+    added = run_json(
+        config_path,
+        "keys",
+        "add",
+        "--client",
+        "acme",
+        "--ttl",
+        "90d",
+        "--label",
+        "ci",
+        "--allow-ip",
+        "198.51.100.0/24",
+        "--rate-limit",
+        "50/60s",
+    )
     assert set(added) == {"key_id", "client", "api_key", "expires"}
     assert added["client"] == "acme" and added["api_key"].startswith("ugw_")
     expires = datetime.fromisoformat(added["expires"].replace("Z", "+00:00")).timestamp()
     assert expires == pytest.approx(time.time() + 90 * 86400, abs=60)
 
-    minted = cli(config_path, "secret", "mint", "--api-key", added["api_key"], "--ttl", "1h",
-                 "--claim", "role=agent", "--claim", "IsManager=true")
+    minted = cli(
+        config_path,
+        "secret",
+        "mint",
+        "--api-key",
+        added["api_key"],
+        "--ttl",
+        "1h",
+        "--claim",
+        "role=agent",
+        "--claim",
+        "IsManager=true",
+    )
     assert minted.stdout.count("\n") == 1 and minted.stdout.count(".") == 2  # the token only
     verified = SecretVerifier(hs_auth()).verify(minted.stdout.strip())
     assert verified.claims["role"] == "agent" and verified.claims["IsManager"] is True
@@ -127,10 +153,12 @@ async def test_rotate_revoke_and_purge(
 
 def test_bad_arguments_and_unreachable_redis(tmp_path: Path, prefix: str) -> None:
     dead = write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0", prefix)
-    for args in (["keys", "add", "--client", "acme", "--ttl", "soon"],
-                 ["keys", "add", "--client", "acme", "--allow-ip", "10.0.0.300"],
-                 ["keys", "add", "--client", "acme", "--rate-limit", "lots"],
-                 ["secret", "mint", "--api-key", "k", "--claim", "exp=1"]):
+    for args in (
+        ["keys", "add", "--client", "acme", "--ttl", "soon"],
+        ["keys", "add", "--client", "acme", "--allow-ip", "10.0.0.300"],
+        ["keys", "add", "--client", "acme", "--rate-limit", "lots"],
+        ["secret", "mint", "--api-key", "k", "--claim", "exp=1"],
+    ):
         assert cli(dead, *args, check=False).returncode == 2, args
     down = cli(dead, "keys", "list", check=False)
     assert down.returncode == 1 and "Redis" in down.stderr
@@ -143,32 +171,65 @@ async def test_mint_rs256_with_private_key_file(
 ) -> None:
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_file = tmp_path / "signing.pem"
-    key_file.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    key_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (tmp_path / "public.pem").write_bytes(public_pem)
     config_path = write_config(
-        tmp_path, redis_server.url, prefix, algorithms=["HS256", "RS256"],
-        keys={"default": {"secret_env": "GATEWAY_SIGNING_KEY"},
-              "platform-2025": {"public_key_file": str(tmp_path / "public.pem")}},
+        tmp_path,
+        redis_server.url,
+        prefix,
+        algorithms=["HS256", "RS256"],
+        keys={
+            "default": {"secret_env": "GATEWAY_SIGNING_KEY"},
+            "platform-2025": {"public_key_file": str(tmp_path / "public.pem")},
+        },
     )
     added = run_json(config_path, "keys", "add", "--client", "acme", "--ttl", "never")
     assert added["expires"] is None
-    secret = cli(config_path, "secret", "mint", "--api-key", added["api_key"], "--kid",
-                 "platform-2025", "--private-key-file", str(key_file)).stdout.strip()
-    auth = AuthConfig(algorithms=("HS256", "RS256"), keys=MappingProxyType({
-        "platform-2025": SigningKey("platform-2025", public_key_pem=public_pem)
-    }))
+    secret = cli(
+        config_path,
+        "secret",
+        "mint",
+        "--api-key",
+        added["api_key"],
+        "--kid",
+        "platform-2025",
+        "--private-key-file",
+        str(key_file),
+    ).stdout.strip()
+    auth = AuthConfig(
+        algorithms=("HS256", "RS256"),
+        keys=MappingProxyType(
+            {"platform-2025": SigningKey("platform-2025", public_key_pem=public_pem)}
+        ),
+    )
     assert await authenticate(redis_server.url, prefix, secret, auth) == "acme"
     wrong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key_file.write_bytes(wrong.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-    mismatch = cli(config_path, "secret", "mint", "--api-key", added["api_key"], "--kid",
-                   "platform-2025", "--private-key-file", str(key_file), check=False)
+    key_file.write_bytes(
+        wrong.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    mismatch = cli(
+        config_path,
+        "secret",
+        "mint",
+        "--api-key",
+        added["api_key"],
+        "--kid",
+        "platform-2025",
+        "--private-key-file",
+        str(key_file),
+        check=False,
+    )
     assert mismatch.returncode == 1 and mismatch.stdout == ""

@@ -46,8 +46,13 @@ async def _all_values(redis: Redis, prefix: str) -> str:
 
 
 async def test_add_stores_only_the_digest_under_one_hash_tag(store: KeyStore, redis: Redis) -> None:
-    new = await store.add("acme", time.time() + 60, label="ci", allow_ips=["10.0.0.0/8"],
-                          rate_limit=RateLimit.parse("5/10s"))
+    new = await store.add(
+        "acme",
+        time.time() + 60,
+        label="ci",
+        allow_ips=["10.0.0.0/8"],
+        rate_limit=RateLimit.parse("5/10s"),
+    )
     api_key = new.api_key.reveal().decode()
     assert api_key.startswith("ugw_") and len(api_key) > 40
     assert new.record.key_id.startswith("k_")
@@ -61,8 +66,13 @@ async def test_add_stores_only_the_digest_under_one_hash_tag(store: KeyStore, re
 
 
 async def test_lookup_returns_record_with_rules(store: KeyStore) -> None:
-    new = await store.add("acme", time.time() + 60, label="ci", allow_ips=["10.0.0.0/8"],
-                          rate_limit=RateLimit.parse("5/10s"))
+    new = await store.add(
+        "acme",
+        time.time() + 60,
+        label="ci",
+        allow_ips=["10.0.0.0/8"],
+        rate_limit=RateLimit.parse("5/10s"),
+    )
     record = await store.lookup(digest(new.api_key.reveal().decode()))
     assert record is not None
     assert (record.client, record.key_id, record.label) == ("acme", new.record.key_id, "ci")
@@ -80,7 +90,9 @@ async def test_list_shows_state_and_never_the_key(store: KeyStore) -> None:
     states = {r.key_id: r.state(now) for r in await store.list("acme")}
     assert states == {live.record.key_id: "active", gone.record.key_id: "expired"}
     assert {r.key_id for r in await store.list()} == {
-        live.record.key_id, gone.record.key_id, other.record.key_id
+        live.record.key_id,
+        gone.record.key_id,
+        other.record.key_id,
     }
 
 

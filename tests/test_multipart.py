@@ -40,14 +40,13 @@ class Feeder:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for start in range(0, len(self.body), self.size):
-            chunk = self.body[start:start + self.size]
+            chunk = self.body[start : start + self.size]
             self.pulled += len(chunk)
             yield chunk
 
 
 def make_config(tmp_path: Path, **kw: Any) -> Config:
-    return load_config_text(files.policy_yaml(str(tmp_path / "spool"), **kw),
-                            require_secrets=False)
+    return load_config_text(files.policy_yaml(str(tmp_path / "spool"), **kw), require_secrets=False)
 
 
 @pytest.fixture
@@ -61,15 +60,27 @@ def target(config: Config, channel: str = "default") -> UploadTarget:
     return found
 
 
-async def inspect(config: Config, parts: Parts, *, channel: str = "default",
-                  role: Role | None = None, chunk: int = 4096, metrics: Metrics | None = None,
-                  headers: Mapping[str, str] | None = None, feeder: Feeder | None = None,
-                  ) -> InspectedUpload:
+async def inspect(
+    config: Config,
+    parts: Parts,
+    *,
+    channel: str = "default",
+    role: Role | None = None,
+    chunk: int = 4096,
+    metrics: Metrics | None = None,
+    headers: Mapping[str, str] | None = None,
+    feeder: Feeder | None = None,
+) -> InspectedUpload:
     body, content_type = files.multipart(parts)
     claims = {"role": role} if role else {}
     return await inspect_upload(
-        feeder or Feeder(body, chunk), headers or {"Content-Type": content_type},
-        target(config, channel), claims, config, SpoolBudget(10**9), metrics,
+        feeder or Feeder(body, chunk),
+        headers or {"Content-Type": content_type},
+        target(config, channel),
+        claims,
+        config,
+        SpoolBudget(10**9),
+        metrics,
     )
 
 
@@ -86,8 +97,13 @@ async def body_of(upload: InspectedUpload) -> bytes:
     return b"".join([chunk async for chunk in upload.chunks()])
 
 
-def one(kind: str, name: str | None = None, declared: str | None = None,
-        size: int | None = None, field: str = "file") -> tuple[str, str | None, str | None, bytes]:
+def one(
+    kind: str,
+    name: str | None = None,
+    declared: str | None = None,
+    size: int | None = None,
+    field: str = "file",
+) -> tuple[str, str | None, str | None, bytes]:
     return (field, name or files.FILENAMES[kind], declared, files.make(kind, size))
 
 
@@ -121,8 +137,9 @@ async def test_type_matrix(config: Config, kind: str, channel: str, role: Role) 
 
 
 @pytest.mark.parametrize(("role", "limit"), [("agent", 1000), ("customer", 500)])
-async def test_file_limit_exact_passes_plus_one_fails(config: Config, role: Role,
-                                                     limit: int) -> None:
+async def test_file_limit_exact_passes_plus_one_fails(
+    config: Config, role: Role, limit: int
+) -> None:
     ok = await inspect(config, [one("png", size=limit)], channel="small", role=role)
     assert ok.files[0].size == limit
     await ok.aclose()
@@ -140,8 +157,7 @@ async def test_system_cap_exactly_20mb_passes_one_more_byte_fails(config: Config
     upload = await inspect(config, [one("png", size=20 * MiB)], role="agent", chunk=256 * 1024)
     assert upload.files[0].size == 20 * MiB
     await upload.aclose()
-    error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent",
-                          chunk=256 * 1024)
+    error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent", chunk=256 * 1024)
     assert error.fields["limit_source"] == "limits.max_file_size"
     assert error.fields["maxFileSizeAllow"] == 20
 
@@ -161,8 +177,14 @@ async def test_reading_stops_within_one_chunk_of_the_limit(config: Config) -> No
     body, content_type = files.multipart([one("png", size=5 * MiB)])
     feeder = Feeder(body, 64 * 1024)
     with pytest.raises(GatewayError, match="file_too_large"):
-        await inspect(config, [], channel="small", role="agent", feeder=feeder,
-                      headers={"Content-Type": content_type})
+        await inspect(
+            config,
+            [],
+            channel="small",
+            role="agent",
+            feeder=feeder,
+            headers={"Content-Type": content_type},
+        )
     assert feeder.pulled <= 1000 + 64 * 1024 + 512
 
 
@@ -184,12 +206,19 @@ async def test_too_many_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-@pytest.mark.parametrize(("marker", "role"), [(b'{"IsManager": true}', "agent"),
-                                              (b'{"isManager": "true", "x": 1}', "agent"),
-                                              (b'{"IsManager": false}', "customer"),
-                                              (b"not json", "customer"), (None, "customer")])
-async def test_role_from_the_form_field_anywhere(config: Config, where: str,
-                                                marker: bytes | None, role: Role) -> None:
+@pytest.mark.parametrize(
+    ("marker", "role"),
+    [
+        (b'{"IsManager": true}', "agent"),
+        (b'{"isManager": "true", "x": 1}', "agent"),
+        (b'{"IsManager": false}', "customer"),
+        (b"not json", "customer"),
+        (None, "customer"),
+    ],
+)
+async def test_role_from_the_form_field_anywhere(
+    config: Config, where: str, marker: bytes | None, role: Role
+) -> None:
     data = [("data", None, None, marker)] if marker is not None else []
     files_ = [one("png"), one("docx")]  # a DOCX: agents only
     parts = data + files_ if where == "before" else files_ + data
@@ -208,14 +237,14 @@ async def test_the_claim_wins_over_the_form(config: Config) -> None:
     assert error.code == "type_not_allowed"
 
 
-async def test_file_over_every_roles_limit_fails_before_the_role_is_known(
-        config: Config) -> None:
+async def test_file_over_every_roles_limit_fails_before_the_role_is_known(config: Config) -> None:
     parts = [one("png", size=300_000), ("data", None, None, b'{"IsManager": true}')]
     body, content_type = files.multipart(parts)
     feeder = Feeder(body, 4096)
     with pytest.raises(GatewayError) as info:
-        await inspect(config, [], channel="small", feeder=feeder,
-                      headers={"Content-Type": content_type})
+        await inspect(
+            config, [], channel="small", feeder=feeder, headers={"Content-Type": content_type}
+        )
     assert info.value.code == "file_too_large"
     assert info.value.fields["limit_bytes"] == 1000  # agents' limit: over it, over every role
     assert feeder.pulled < 10_000
@@ -244,8 +273,7 @@ async def test_report_mode_counts_and_lets_policy_rejections_through(tmp_path: P
     counted = {"reason": "type_not_allowed", "channel": "default"}
     assert sample("upload_gateway_report_mode_would_reject_total", counted) == 1  # per upload
     # ...but the system's own limits still hold
-    error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent",
-                          chunk=1024 * 1024)
+    error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent", chunk=1024 * 1024)
     assert error.fields["limit_source"] == "limits.max_file_size"
 
 
@@ -255,46 +283,76 @@ async def test_a_report_mode_channel_in_an_enforcing_gateway(config: Config) -> 
     await upload.aclose()
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b"--x\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nabc\r\n--x--\r\n",
-     "multipart/form-data"),  # no boundary
-    (b"garbage" * 400, "multipart/form-data; boundary=x"),  # no boundary line at all
-    (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\nab",
-     "multipart/form-data; boundary=x"),  # ends before the closing boundary
-    (b"--x\r\nX-Bad Header: 1\r\n\r\nabc\r\n--x--\r\n", "multipart/form-data; boundary=x"),
-    (b"--x\r\n" + b"A: b\r\n" * 20 + b"\r\nabc\r\n--x--\r\n", "multipart/form-data; boundary=x"),
-    (b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
-     "multipart/form-data; boundary=x"),  # no Content-Disposition
-    (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-     b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n--x--\r\n",
-     "multipart/form-data; boundary=x"),
-])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (
+            b'--x\r\nContent-Disposition: form-data; name="f"\r\n\r\nabc\r\n--x--\r\n',
+            "multipart/form-data",
+        ),  # no boundary
+        (b"garbage" * 400, "multipart/form-data; boundary=x"),  # no boundary line at all
+        (
+            b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nab',
+            "multipart/form-data; boundary=x",
+        ),  # ends before the closing boundary
+        (b"--x\r\nX-Bad Header: 1\r\n\r\nabc\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+        (
+            b"--x\r\n" + b"A: b\r\n" * 20 + b"\r\nabc\r\n--x--\r\n",
+            "multipart/form-data; boundary=x",
+        ),
+        (
+            b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
+            "multipart/form-data; boundary=x",
+        ),  # no Content-Disposition
+        (
+            b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n--x--\r\n",
+            "multipart/form-data; boundary=x",
+        ),
+    ],
+)
 async def test_malformed_bodies_are_400(config: Config, body: bytes, content_type: str) -> None:
-    error = await refused(config, [], role="agent", feeder=Feeder(body, 7),
-                          headers={"Content-Type": content_type})
+    error = await refused(
+        config, [], role="agent", feeder=Feeder(body, 7), headers={"Content-Type": content_type}
+    )
     assert error.code == "malformed_request" and error.status == 400
 
 
 async def test_content_encoding_is_refused(config: Config) -> None:
-    error = await refused(config, [one("png")], role="agent", headers={
-        "Content-Type": "image/png", "Content-Encoding": "gzip"})
+    error = await refused(
+        config,
+        [one("png")],
+        role="agent",
+        headers={"Content-Type": "image/png", "Content-Encoding": "gzip"},
+    )
     assert error.status == 415 and error.headers == {"Accept-Encoding": "identity"}
 
 
 async def test_a_filename_star_part_is_still_a_file(config: Config) -> None:
-    body = (b"--x\r\nContent-Disposition: form-data; name=\"file\"; "
-            b"filename*=UTF-8''tool.png\r\n\r\n" + files.elf() + b"\r\n--x--\r\n")
-    error = await refused(config, [], role="agent", feeder=Feeder(body),
-                          headers={"Content-Type": "multipart/form-data; boundary=x"})
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; '
+        b"filename*=UTF-8''tool.png\r\n\r\n" + files.elf() + b"\r\n--x--\r\n"
+    )
+    error = await refused(
+        config,
+        [],
+        role="agent",
+        feeder=Feeder(body),
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
     assert error.code == "type_mismatch"
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1000, 1 << 20])
 async def test_the_verdict_does_not_depend_on_chunking(config: Config, chunk: int) -> None:
     tricky = b"--" + b"----gatewaytestboundary7MA4YWxkTrZu0gW"[:-1] + b"\r\n--"  # near-boundary
-    parts = [("data", None, None, b'{"IsManager": true}'), one("pdf"),
-             ("file", "notes.txt", "text/plain", b"hello\r\n" + tricky + b" world"),
-             one("docx"), one("png", size=3000)]
+    parts = [
+        ("data", None, None, b'{"IsManager": true}'),
+        one("pdf"),
+        ("file", "notes.txt", "text/plain", b"hello\r\n" + tricky + b" world"),
+        one("docx"),
+        one("png", size=3000),
+    ]
     upload = await inspect(config, parts, chunk=chunk)
     assert [(f.name, f.sniffed_type, f.size) for f in upload.files] == [
         ("invoice.pdf", "application/pdf", len(files.pdf())),
@@ -310,21 +368,44 @@ async def test_raw_bodies_are_one_file(config: Config) -> None:
     found = match_upload(config, "PUT", "/files/small/photo.png")
     assert found is not None
     headers = {"Content-Type": "application/x-www-form-urlencoded"}  # curl --data-binary
-    upload = await inspect_upload(Feeder(files.make("png", 1000)), headers, found,
-                                  {"role": "agent"}, config, SpoolBudget(10**9), None)
+    upload = await inspect_upload(
+        Feeder(files.make("png", 1000)),
+        headers,
+        found,
+        {"role": "agent"},
+        config,
+        SpoolBudget(10**9),
+        None,
+    )
     assert [(f.name, f.sniffed_type, f.size) for f in upload.files] == [
-        ("photo.png", "image/png", 1000)]
+        ("photo.png", "image/png", 1000)
+    ]
     await upload.aclose()
-    headers = {"Content-Type": "application/pdf",
-               "Content-Disposition": 'attachment; filename="setup.pdf"'}
+    headers = {
+        "Content-Type": "application/pdf",
+        "Content-Disposition": 'attachment; filename="setup.pdf"',
+    }
     with pytest.raises(GatewayError) as info:
-        await inspect_upload(Feeder(files.pe()), headers, match_upload(
-            config, "PUT", "/files/whatsapp/x"), {"role": "agent"}, config, SpoolBudget(10**9),
-            None)
+        await inspect_upload(
+            Feeder(files.pe()),
+            headers,
+            match_upload(config, "PUT", "/files/whatsapp/x"),
+            {"role": "agent"},
+            config,
+            SpoolBudget(10**9),
+            None,
+        )
     assert info.value.code == "type_mismatch" and info.value.fields["fileName"] == "setup.pdf"
     with pytest.raises(GatewayError, match="file_too_large"):
-        await inspect_upload(Feeder(files.make("png", 1001)), {}, found, {"role": "agent"},
-                             config, SpoolBudget(10**9), None)
+        await inspect_upload(
+            Feeder(files.make("png", 1001)),
+            {},
+            found,
+            {"role": "agent"},
+            config,
+            SpoolBudget(10**9),
+            None,
+        )
 
 
 async def test_a_cancelled_inspection_leaves_no_spool(tmp_path: Path) -> None:
@@ -340,9 +421,17 @@ async def test_a_cancelled_inspection_leaves_no_spool(tmp_path: Path) -> None:
         yield body[100_000:]
 
     _, content_type = files.multipart([])
-    task = asyncio.create_task(inspect_upload(
-        stalled(), {"Content-Type": content_type}, target(config), {"role": "agent"}, config,
-        SpoolBudget(10**9), None))
+    task = asyncio.create_task(
+        inspect_upload(
+            stalled(),
+            {"Content-Type": content_type},
+            target(config),
+            {"role": "agent"},
+            config,
+            SpoolBudget(10**9),
+            None,
+        )
+    )
     await gate.wait()
     await asyncio.sleep(0.05)
     assert len(spool_fds(spool_dir)) == 1  # it did spill to an (unlinked) file
@@ -356,8 +445,15 @@ async def test_a_cancelled_inspection_leaves_no_spool(tmp_path: Path) -> None:
 async def test_spool_full_is_507(config: Config) -> None:
     body, content_type = files.multipart([one("png", size=50_000)])
     with pytest.raises(GatewayError) as info:
-        await inspect_upload(Feeder(body), {"Content-Type": content_type}, target(config),
-                             {"role": "agent"}, config, SpoolBudget(10_000), None)
+        await inspect_upload(
+            Feeder(body),
+            {"Content-Type": content_type},
+            target(config),
+            {"role": "agent"},
+            config,
+            SpoolBudget(10_000),
+            None,
+        )
     assert info.value.status == 507
 
 
@@ -365,8 +461,12 @@ def test_precheck(config: Config) -> None:
     t = target(config)
     with pytest.raises(GatewayError, match="request_too_large"):
         precheck_upload({"Content-Length": str(50 * MiB + 1)}, t, {}, config)
-    precheck_upload({"Content-Length": str(50 * MiB),
-                     "Content-Type": "multipart/form-data; boundary=x"}, t, {}, config)
+    precheck_upload(
+        {"Content-Length": str(50 * MiB), "Content-Type": "multipart/form-data; boundary=x"},
+        t,
+        {},
+        config,
+    )
     whatsapp = target(config, "whatsapp")
     with pytest.raises(GatewayError, match="uploads_disabled"):
         precheck_upload({"Content-Type": "image/png"}, whatsapp, {}, config)  # raw: default role
@@ -386,20 +486,27 @@ def test_precheck(config: Config) -> None:
         precheck_upload({"Content-Encoding": "br"}, small, {}, config)
 
 
-async def test_through_a_real_aiohttp_stream(config: Config,
-                                             aiohttp_client: Any) -> None:
+async def test_through_a_real_aiohttp_stream(config: Config, aiohttp_client: Any) -> None:
     async def handle(request: web.Request) -> web.Response:
         found = match_upload(config, request.method, request.raw_path)
         assert found is not None
         try:
-            upload = await inspect_upload(request.content, request.headers, found,
-                                          {"role": "agent"}, config, SpoolBudget(10**9), None)
+            upload = await inspect_upload(
+                request.content,
+                request.headers,
+                found,
+                {"role": "agent"},
+                config,
+                SpoolBudget(10**9),
+                None,
+            )
         except GatewayError as exc:
             return web.json_response(problem_body(exc, "r"), status=exc.status)
         async with upload:
             received = await body_of(upload)
-        return web.json_response({"same": received == await_body[0],
-                                  "types": [f.sniffed_type for f in upload.files]})
+        return web.json_response(
+            {"same": received == await_body[0], "types": [f.sniffed_type for f in upload.files]}
+        )
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -410,15 +517,19 @@ async def test_through_a_real_aiohttp_stream(config: Config,
 
     async def chunked() -> AsyncIterator[bytes]:
         for start in range(0, len(body), 10_000):
-            yield body[start:start + 10_000]
+            yield body[start : start + 10_000]
 
     for payload in (body, chunked()):
-        response = await client.post("/streams/small/objects", data=payload,
-                                     headers={"Content-Type": content_type})
+        response = await client.post(
+            "/streams/small/objects", data=payload, headers={"Content-Type": content_type}
+        )
         answer = json.loads(await response.text())
         assert response.status == 413 and answer["code"] == "file_too_large"
-        response = await client.post("/streams/1/objects", data=payload if payload is body
-                                     else chunked(), headers={"Content-Type": content_type})
+        response = await client.post(
+            "/streams/1/objects",
+            data=payload if payload is body else chunked(),
+            headers={"Content-Type": content_type},
+        )
         answer = json.loads(await response.text())
         assert response.status == 200, answer
         assert answer == {"same": True, "types": ["application/pdf", "image/png"]}

@@ -33,7 +33,10 @@ async def test_every_method_reaches_the_backend_with_its_body(
     gateway: GatewayProc, backend: BackendProc, auth: dict[str, str], method: str
 ) -> None:
     body = b"" if method in ("GET", "DELETE", "OPTIONS") else b"payload-" + method.encode()
-    async with session() as s, s.request(method, gateway.url + "/t/echo", data=body, headers=auth) as r:
+    async with (
+        session() as s,
+        s.request(method, gateway.url + "/t/echo", data=body, headers=auth) as r,
+    ):
         assert r.status == 200
         assert await r.read() == body
     [rec] = backend.records()
@@ -137,10 +140,13 @@ def test_hop_by_hop_headers_are_not_forwarded(
     assert seen["x-gateway-client-id"] == ["acme"]
 
 
-def test_an_insane_request_id_is_replaced(gateway: GatewayProc, backend: BackendProc, secret: str) -> None:
+def test_an_insane_request_id_is_replaced(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
     payload = (
         "GET /t/status/200 HTTP/1.1\r\nHost: gw\r\n"
-        f"Authorization: Bearer {secret}\r\nX-Request-Id: {'a b<>' * 50}\r\nConnection: close\r\n\r\n"
+        f"Authorization: Bearer {secret}\r\nX-Request-Id: {'a b<>' * 50}\r\n"
+        "Connection: close\r\n\r\n"
     ).encode()
     response = raw_request(gateway.port, payload)
     [rec] = backend.records()
@@ -210,9 +216,10 @@ async def test_backend_down_is_a_502_problem(
         from tests.conftest import mint
 
         token = mint(gateway, api_key)
-        async with session() as s, s.get(
-            down.url + "/anything", headers={"Authorization": f"Bearer {token}"}
-        ) as r:
+        async with (
+            session() as s,
+            s.get(down.url + "/anything", headers={"Authorization": f"Bearer {token}"}) as r,
+        ):
             assert r.status == 502
             problem = json.loads(await r.read())
         assert problem["code"] == "backend_unavailable"

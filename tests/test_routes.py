@@ -15,42 +15,68 @@ def config() -> Config:
     return load_config_text(policy_yaml("/tmp/gw-spool"), require_secrets=False)
 
 
-@pytest.mark.parametrize(("method", "path", "route", "channel_id", "channel"), [
-    ("POST", "/streams/123/objects", "/streams/{channel}/objects", "123", "default"),
-    ("PUT", "/streams/whatsapp/objects", "/streams/{channel}/objects", "whatsapp", "whatsapp"),
-    ("POST", "/streams/10020/objects/77/child", "/streams/{channel}/objects/{object}/child",
-     "10020", "10020"),
-    ("POST", "/whatsapp/uploadmedia/small", "/whatsapp/uploadmedia/{channel}", "small", "small"),
-    # an URL-encoded encrypted stream id: %2F stays inside the one segment
-    ("POST", "/whatsapp/uploadmedia/aB%2Fc%3D%3D", "/whatsapp/uploadmedia/{channel}", "aB/c==",
-     "default"),
-])
-def test_platform_routes_are_uploads(config: Config, method: str, path: str, route: str,
-                                     channel_id: str, channel: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "route", "channel_id", "channel"),
+    [
+        ("POST", "/streams/123/objects", "/streams/{channel}/objects", "123", "default"),
+        ("PUT", "/streams/whatsapp/objects", "/streams/{channel}/objects", "whatsapp", "whatsapp"),
+        (
+            "POST",
+            "/streams/10020/objects/77/child",
+            "/streams/{channel}/objects/{object}/child",
+            "10020",
+            "10020",
+        ),
+        (
+            "POST",
+            "/whatsapp/uploadmedia/small",
+            "/whatsapp/uploadmedia/{channel}",
+            "small",
+            "small",
+        ),
+        # an URL-encoded encrypted stream id: %2F stays inside the one segment
+        (
+            "POST",
+            "/whatsapp/uploadmedia/aB%2Fc%3D%3D",
+            "/whatsapp/uploadmedia/{channel}",
+            "aB/c==",
+            "default",
+        ),
+    ],
+)
+def test_platform_routes_are_uploads(
+    config: Config, method: str, path: str, route: str, channel_id: str, channel: str
+) -> None:
     assert match_upload(config, method, path) == UploadTarget(route, channel_id, channel)
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/streams/123/objects"),
-    ("DELETE", "/streams/123/objects"),
-    ("POST", "/streams/123"),
-    ("POST", "/streams/123/objects/extra"),
-    ("POST", "/other/123/objects"),
-    ("POST", "/files/123/report.pdf"),  # that route takes PUT only
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/streams/123/objects"),
+        ("DELETE", "/streams/123/objects"),
+        ("POST", "/streams/123"),
+        ("POST", "/streams/123/objects/extra"),
+        ("POST", "/other/123/objects"),
+        ("POST", "/files/123/report.pdf"),  # that route takes PUT only
+    ],
+)
 def test_other_requests_are_not_uploads(config: Config, method: str, path: str) -> None:
     assert match_upload(config, method, path) is None
 
 
-@pytest.mark.parametrize("path", [
-    "/streams/123/objects/",
-    "//streams//123/objects",
-    "/STREAMS/123/Objects",
-    "/streams/123/x/../objects",
-    "/streams/123/./objects",
-    "/str%65ams/123/objects",
-    "/streams/123/objects?x=1",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/streams/123/objects/",
+        "//streams//123/objects",
+        "/STREAMS/123/Objects",
+        "/streams/123/x/../objects",
+        "/streams/123/./objects",
+        "/str%65ams/123/objects",
+        "/streams/123/objects?x=1",
+    ],
+)
 def test_path_variants_a_backend_may_accept_are_still_inspected(config: Config, path: str) -> None:
     target = match_upload(config, "post", path)
     assert target is not None and target.channel_id == "123"
@@ -58,8 +84,10 @@ def test_path_variants_a_backend_may_accept_are_still_inspected(config: Config, 
 
 def test_channel_keys_match_raw_or_decoded_ids() -> None:
     text = policy_yaml("/tmp/gw-spool").replace(
-        "  small:", '  "enc%2Fid":\n    agents: {allowed_types: [images]}\n  "a b":\n'
-        "    agents: {allowed_types: [images]}\n  small:")
+        "  small:",
+        '  "enc%2Fid":\n    agents: {allowed_types: [images]}\n  "a b":\n'
+        "    agents: {allowed_types: [images]}\n  small:",
+    )
     config = load_config_text(text, require_secrets=False)
     raw = match_upload(config, "POST", "/whatsapp/uploadmedia/enc%2Fid")
     decoded = match_upload(config, "POST", "/whatsapp/uploadmedia/a%20b")

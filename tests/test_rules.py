@@ -21,8 +21,9 @@ def config() -> Config:
 
 def facts(kind: str, name: str | None = None, declared: str | None = None) -> rules.FileFacts:
     data = files.make(kind)
-    return rules.FileFacts(name or files.FILENAMES[kind], declared, Sniffer().sniff(data),
-                           len(data))
+    return rules.FileFacts(
+        name or files.FILENAMES[kind], declared, Sniffer().sniff(data), len(data)
+    )
 
 
 ACCEPTED: dict[tuple[str, Role], set[str]] = {
@@ -51,42 +52,54 @@ def test_type_matrix(config: Config, kind: str, channel: str, role: Role) -> Non
         assert error.status == 415
 
 
-@pytest.mark.parametrize(("channel", "role"), [("default", "agent"), ("whatsapp", "agent"),
-                                               ("10020", "agent"), ("tools", "agent")])
+@pytest.mark.parametrize(
+    ("channel", "role"),
+    [("default", "agent"), ("whatsapp", "agent"), ("10020", "agent"), ("tools", "agent")],
+)
 @pytest.mark.parametrize("kind", ["pe", "elf"])
-def test_an_executable_renamed_pdf_is_spoofing_everywhere(config: Config, kind: str,
-                                                         channel: str, role: Role) -> None:
-    error = rules.judge_file(rules.effective_policy(config, channel, role),
-                             facts(kind, "invoice.pdf", "application/pdf"))
+def test_an_executable_renamed_pdf_is_spoofing_everywhere(
+    config: Config, kind: str, channel: str, role: Role
+) -> None:
+    error = rules.judge_file(
+        rules.effective_policy(config, channel, role), facts(kind, "invoice.pdf", "application/pdf")
+    )
     assert error is not None and error.code == "type_mismatch"
     assert error.fields["fileName"] == "invoice.pdf" and error.fields["fileExtension"] == "pdf"
 
 
-@pytest.mark.parametrize(("kind", "name", "declared"), [
-    ("png", "photo.jpg", "image/jpeg"),  # an image saved under another image type: same family
-    ("jpeg", "photo", "application/octet-stream"),  # octet-stream claims nothing
-    ("docx", "letter.docx", "application/zip"),  # OOXML is a ZIP container
-    ("zip", "letter.docx", None),  # an OOXML file whose first bytes did not show its parts
-    ("text", "data.csv", "text/csv"),
-    ("pdf", "scan.PDF", "application/pdf; charset=binary"),
-    ("png", "photo.unknownext", "image/png"),
-    ("ogg", "voice.m4a", None),  # audio and video are one family
-])
-def test_loose_but_consistent_names_are_not_spoofing(kind: str, name: str,
-                                                    declared: str | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "name", "declared"),
+    [
+        ("png", "photo.jpg", "image/jpeg"),  # an image saved under another image type: same family
+        ("jpeg", "photo", "application/octet-stream"),  # octet-stream claims nothing
+        ("docx", "letter.docx", "application/zip"),  # OOXML is a ZIP container
+        ("zip", "letter.docx", None),  # an OOXML file whose first bytes did not show its parts
+        ("text", "data.csv", "text/csv"),
+        ("pdf", "scan.PDF", "application/pdf; charset=binary"),
+        ("png", "photo.unknownext", "image/png"),
+        ("ogg", "voice.m4a", None),  # audio and video are one family
+    ],
+)
+def test_loose_but_consistent_names_are_not_spoofing(
+    kind: str, name: str, declared: str | None
+) -> None:
     assert rules.check_spoofing(facts(kind, name, declared)) is None
 
 
-@pytest.mark.parametrize(("kind", "name", "declared"), [
-    ("pe", "photo.png", None),
-    ("pe", "photo", "image/png"),
-    ("text", "photo.png", None),
-    ("pdf", "photo.jpg", "image/jpeg"),
-    ("png", "invoice.pdf", None),
-    ("zip", "photo.png", None),
-])
-def test_contradicting_names_or_declared_types_are_spoofing(kind: str, name: str,
-                                                           declared: str | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "name", "declared"),
+    [
+        ("pe", "photo.png", None),
+        ("pe", "photo", "image/png"),
+        ("text", "photo.png", None),
+        ("pdf", "photo.jpg", "image/jpeg"),
+        ("png", "invoice.pdf", None),
+        ("zip", "photo.png", None),
+    ],
+)
+def test_contradicting_names_or_declared_types_are_spoofing(
+    kind: str, name: str, declared: str | None
+) -> None:
     error = rules.check_spoofing(facts(kind, name, declared))
     assert error is not None and error.code == "type_mismatch" and error.status == 415
 
@@ -94,8 +107,12 @@ def test_contradicting_names_or_declared_types_are_spoofing(kind: str, name: str
 def test_executables_only_where_named(config: Config) -> None:
     for entry in ("*/*", "application/*", "images", "archives"):
         assert not types.matches_entry(entry, files.EXPECTED["pe"], ".exe")
-    for entry in ("executables", ".exe", "application/vnd.microsoft.portable-executable",
-                  "application/x-dosexec"):
+    for entry in (
+        "executables",
+        ".exe",
+        "application/vnd.microsoft.portable-executable",
+        "application/x-dosexec",
+    ):
         assert types.matches_entry(entry, files.EXPECTED["pe"], ".exe")
     tools = rules.effective_policy(config, "tools", "agent")
     assert rules.judge_file(tools, facts("elf")) is None
@@ -104,11 +121,15 @@ def test_executables_only_where_named(config: Config) -> None:
 def test_sizes_and_where_they_come_from(config: Config) -> None:
     whatsapp = rules.effective_policy(config, "whatsapp", "agent")
     assert (whatsapp.max_file_size, whatsapp.max_file_size_source) == (
-        16 * MiB, "channels.whatsapp.agents.max_file_size")
+        16 * MiB,
+        "channels.whatsapp.agents.max_file_size",
+    )
     default_agent = rules.effective_policy(config, "no-such-channel", "agent")
     assert default_agent.channel == "default"
     assert (default_agent.max_file_size, default_agent.max_file_size_source) == (
-        20 * MiB, "limits.max_file_size")
+        20 * MiB,
+        "limits.max_file_size",
+    )
     # 'tools' leaves customers out: they are the default channel's, and say so
     inherited = rules.effective_policy(config, "tools", "customer")
     assert inherited.max_file_size_source == "channels.default.customers.max_file_size"
@@ -123,12 +144,17 @@ def test_exactly_the_limit_passes_one_more_byte_fails(config: Config) -> None:
     error = rules.check_size(policy, 501, "a.png")
     assert error is not None and error.code == "file_too_large" and error.status == 413
     assert error.fields == {
-        "limit_bytes": 500, "limit_source": "channels.small.customers.max_file_size",
-        "maxFileSizeAllow": round(500 / MiB, 2), "channel": "small", "role": "customer",
-        "fileName": "a.png", "fileExtension": "png",
+        "limit_bytes": 500,
+        "limit_source": "channels.small.customers.max_file_size",
+        "maxFileSizeAllow": round(500 / MiB, 2),
+        "channel": "small",
+        "role": "customer",
+        "fileName": "a.png",
+        "fileExtension": "png",
     }
-    whatsapp = rules.check_size(rules.effective_policy(config, "whatsapp", "agent"),
-                                16 * MiB + 1, "v.mp4")
+    whatsapp = rules.check_size(
+        rules.effective_policy(config, "whatsapp", "agent"), 16 * MiB + 1, "v.mp4"
+    )
     assert whatsapp is not None and whatsapp.fields["maxFileSizeAllow"] == 16
 
 
@@ -146,7 +172,9 @@ def test_report_mode_waives_channel_rules_not_system_limits(config: Config) -> N
 
 def test_policy_document_shape(config: Config) -> None:
     document = rules.effective_policy(config, "whatsapp", "agent").as_dict()
-    assert document["max_file_size"] == {"bytes": 16 * MiB,
-                                         "source": "channels.whatsapp.agents.max_file_size"}
+    assert document["max_file_size"] == {
+        "bytes": 16 * MiB,
+        "source": "channels.whatsapp.agents.max_file_size",
+    }
     assert document["allowed_types"]["value"] == ["image/*", "audio/ogg", "video/mp4", ".pdf"]
     assert document["enabled"]["value"] is True

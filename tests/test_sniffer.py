@@ -40,8 +40,10 @@ def test_ooxml_that_libmagic_calls_zip_is_refined_by_its_part_names() -> None:
         archive.writestr("word/document.xml", "<w:document/>")
     head = out.getvalue()[:8192]
     assert refine_zip(head, types.ZIP) == types.DOCX
-    assert Sniffer().sniff(head) in (types.DOCX, types.ZIP) and \
-        refine_zip(head, Sniffer().sniff(head)) == types.DOCX
+    assert (
+        Sniffer().sniff(head) in (types.DOCX, types.ZIP)
+        and refine_zip(head, Sniffer().sniff(head)) == types.DOCX
+    )
     assert refine_zip(files.zip_archive(), types.ZIP) == types.ZIP
     assert refine_zip(head, "image/png") == "image/png"
 

@@ -37,15 +37,29 @@ def pattern(size: int) -> bytes:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, RECORD_SIZE - 1, RECORD_SIZE,
-                                  RECORD_SIZE + 1, 3 * RECORD_SIZE, 3 * RECORD_SIZE + 17])
+@pytest.mark.parametrize(
+    "size",
+    [
+        0,
+        1,
+        999,
+        1000,
+        1001,
+        RECORD_SIZE - 1,
+        RECORD_SIZE,
+        RECORD_SIZE + 1,
+        3 * RECORD_SIZE,
+        3 * RECORD_SIZE + 17,
+    ],
+)
 @pytest.mark.parametrize("chunk", [1000, 65536, 100_000])
 async def test_round_trip_is_exact(tmp_path: Path, size: int, chunk: int) -> None:
     data = pattern(size)
-    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9),
-                  SpoolBudget(10**9))
+    spool = Spool(
+        SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9), SpoolBudget(10**9)
+    )
     for start in range(0, size, chunk):
-        await spool.write(data[start:start + chunk])
+        await spool.write(data[start : start + chunk])
     await spool.seal()
     assert spool.on_disk == (size > 1000)
     assert await read_all(spool) == data
@@ -56,8 +70,9 @@ async def test_round_trip_is_exact(tmp_path: Path, size: int, chunk: int) -> Non
 
 async def test_the_file_is_private_unlinked_and_holds_no_plaintext(tmp_path: Path) -> None:
     data = pattern(5 * RECORD_SIZE + 3)
-    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=1024, max_bytes=10**9),
-                  SpoolBudget(10**9))
+    spool = Spool(
+        SpoolConfig(str(tmp_path), memory_threshold=1024, max_bytes=10**9), SpoolBudget(10**9)
+    )
     await spool.write(data)
     await spool.seal()
     fd = spool.fileno()
@@ -79,8 +94,9 @@ async def test_the_file_is_private_unlinked_and_holds_no_plaintext(tmp_path: Pat
 @pytest.mark.parametrize("damage", ["flip", "truncate_record", "swap"])
 async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
     data = pattern(3 * RECORD_SIZE + 10)
-    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=10, max_bytes=10**9),
-                  SpoolBudget(10**9))
+    spool = Spool(
+        SpoolConfig(str(tmp_path), memory_threshold=10, max_bytes=10**9), SpoolBudget(10**9)
+    )
     await spool.write(data)
     await spool.seal()
     path = f"/proc/self/fd/{spool.fileno()}"
@@ -90,10 +106,10 @@ async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
     if damage == "flip":
         cipher[100] ^= 1
     elif damage == "truncate_record":  # drop the last record: the one before is not "last"
-        cipher = cipher[:3 * record]
+        cipher = cipher[: 3 * record]
         spool._records -= 1
     else:
-        cipher[:record], cipher[record:2 * record] = cipher[record:2 * record], cipher[:record]
+        cipher[:record], cipher[record : 2 * record] = cipher[record : 2 * record], cipher[:record]
     with open(path, "r+b") as raw:
         raw.truncate(0)
         raw.write(cipher)

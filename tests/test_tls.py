@@ -54,16 +54,26 @@ def _key() -> rsa.RSAPrivateKey:
 def _ca(cn: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key, now = _key(), datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -78,8 +88,11 @@ def _leaf(
     """RSA on purpose: a cipher string that still allowed plain-RSA key exchange would show."""
     key, now = _key(), datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
@@ -111,8 +124,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     (out / "other-ca.pem").write_bytes(_pem(other_ca))
     (out / "server.pem").write_bytes(_pem(cert))
     (out / "server.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
     return Pki(out / "ca.pem", out / "other-ca.pem", out / "server.pem", out / "server.key")
 
@@ -283,9 +299,12 @@ async def test_backend_tls_is_verified_against_the_configured_ca(
     config["backend"]["ca_file"] = str(pki.ca if trusted else pki.other_ca)
     gw = await asyncio.to_thread(start_gateway, config, tmp_path)  # keep the backend serving
     try:
-        async with aiohttp.ClientSession() as session, session.get(
-            gw.url + "/hello", headers={"Authorization": f"Bearer {secret}"}
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                gw.url + "/hello", headers={"Authorization": f"Bearer {secret}"}
+            ) as response,
+        ):
             body = await response.read()
         assert response.status == status, body
         if trusted:

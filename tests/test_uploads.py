@@ -4,6 +4,7 @@ backend received nothing, and that no spool file is left (on disk or held open).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,20 +52,31 @@ def assert_no_spool_left(gateway: GatewayProc) -> None:
 
 
 async def post(
-    gateway: GatewayProc, secret: str, parts: list[tuple[str, str | None, str | None, bytes]],
-    path: str = UPLOAD, **headers: str,
+    gateway: GatewayProc,
+    secret: str,
+    parts: list[tuple[str, str | None, str | None, bytes]],
+    path: str = UPLOAD,
+    **headers: str,
 ) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders, bytes]:
     body, ctype = multipart(parts)
     hdrs = {"Authorization": f"Bearer {secret}", "Content-Type": ctype, **headers}
-    async with aiohttp.ClientSession() as s, s.post(gateway.url + path, data=body, headers=hdrs) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + path, data=body, headers=hdrs) as r,
+    ):
         raw = await r.read()
         doc = json.loads(raw) if r.content_type.endswith("json") and raw else {}
         return r.status, doc, r.headers, body
 
 
 def assert_refused(
-    gateway: GatewayProc, backend: BackendProc, status: int, doc: dict[str, Any],
-    headers: Any, expected_status: int, code: str,
+    gateway: GatewayProc,
+    backend: BackendProc,
+    status: int,
+    doc: dict[str, Any],
+    headers: Any,
+    expected_status: int,
+    code: str,
 ) -> None:
     assert status == expected_status, doc
     assert headers["Content-Type"].startswith("application/problem+json")
@@ -74,17 +86,31 @@ def assert_refused(
     assert_no_spool_left(gateway)
 
 
-def file_part(kind: str, size: int | None = None, name: str | None = None,
-              ctype: str | None = None, field: str = "file") -> tuple[str, str, str | None, bytes]:
+def file_part(
+    kind: str,
+    size: int | None = None,
+    name: str | None = None,
+    ctype: str | None = None,
+    field: str = "file",
+) -> tuple[str, str, str | None, bytes]:
     return (field, name or FILENAMES[kind], ctype, make(kind, size))
 
 
 # -- accepted ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("kind", "role"),
-    [("png", "customer"), ("jpeg", "customer"), ("pdf", "customer"), ("docx", "agent"),
-     ("xlsx", "agent"), ("zip", "agent"), ("gif", "agent"), ("text", "agent")],
+    [
+        ("png", "customer"),
+        ("jpeg", "customer"),
+        ("pdf", "customer"),
+        ("docx", "agent"),
+        ("xlsx", "agent"),
+        ("zip", "agent"),
+        ("gif", "agent"),
+        ("text", "agent"),
+    ],
 )
 async def test_allowed_files_reach_the_backend_byte_identical(
     gateway: GatewayProc, backend: BackendProc, api_key: str, kind: str, role: str
@@ -106,7 +132,9 @@ async def test_whatsapp_agent_video_and_voice_pass(
     gateway: GatewayProc, backend: BackendProc, agent_secret: str
 ) -> None:
     parts = [file_part("mp4", field="pic"), file_part("ogg", field="pic")]
-    status, doc, _, body = await post(gateway, agent_secret, parts, "/whatsapp/uploadmedia/whatsapp")
+    status, doc, _, body = await post(
+        gateway, agent_secret, parts, "/whatsapp/uploadmedia/whatsapp"
+    )
     assert status == 200, doc
     assert backend.records()[0]["sha256"] == hashlib.sha256(body).hexdigest()
 
@@ -138,6 +166,7 @@ async def test_a_file_of_exactly_the_limit_passes_and_one_byte_more_does_not(
 
 
 # -- refused by type -----------------------------------------------------------------------------
+
 
 async def test_an_executable_named_invoice_pdf_is_spoofing(
     gateway: GatewayProc, backend: BackendProc, agent_secret: str
@@ -185,6 +214,7 @@ async def test_too_many_files(gateway: GatewayProc, backend: BackendProc, secret
 
 # -- role --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("data_first", [True, False])
 async def test_the_platforms_is_manager_marker_makes_an_agent(
     gateway: GatewayProc, backend: BackendProc, secret: str, data_first: bool
@@ -215,15 +245,17 @@ async def test_an_upload_without_a_secret_is_refused_before_anything(
     gateway: GatewayProc, backend: BackendProc
 ) -> None:
     body, ctype = multipart([file_part("png")])
-    async with aiohttp.ClientSession() as s, s.post(
-        gateway.url + UPLOAD, data=body, headers={"Content-Type": ctype}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + UPLOAD, data=body, headers={"Content-Type": ctype}) as r,
+    ):
         doc = json.loads(await r.read())
         assert_refused(gateway, backend, r.status, doc, r.headers, 401, "missing_secret")
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 # -- early rejection and streaming ----------------------------------------------------------------
+
 
 def _headers(secret: str, length: int, extra: str = "") -> bytes:
     _, ctype = multipart([])
@@ -309,10 +341,8 @@ def test_a_chunked_oversize_upload_is_cut_off_as_the_limit_is_crossed(
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 break
             sock.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 data += sock.recv(65536)
-            except BlockingIOError:
-                pass
             sock.settimeout(0.5)
             if b"\r\n\r\n" in data:
                 break
@@ -344,6 +374,7 @@ def test_a_client_vanishing_mid_upload_leaves_nothing_behind(
 
 # -- clients and browsers --------------------------------------------------------------------
 
+
 def test_curl_as_a_real_client(
     gateway: GatewayProc, backend: BackendProc, secret: str, tmp_path: Path
 ) -> None:
@@ -352,9 +383,23 @@ def test_curl_as_a_real_client(
     photo = tmp_path / "photo.png"
     photo.write_bytes(make("png", 300_000))
     out = subprocess.run(
-        [curl, "-sS", "-o", "-", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {secret}",
-         "-F", f"file=@{photo}", gateway.url + UPLOAD],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            curl,
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            f"Authorization: Bearer {secret}",
+            "-F",
+            f"file=@{photo}",
+            gateway.url + UPLOAD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     body, code = out.stdout.rsplit("\n", 1)
     assert code == "200", out.stdout
@@ -363,9 +408,21 @@ def test_curl_as_a_real_client(
     fake.write_bytes(make("elf"))
     backend.clear()
     out = subprocess.run(
-        [curl, "-sS", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {secret}",
-         "-F", f"file=@{fake}", gateway.url + UPLOAD],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            curl,
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            f"Authorization: Bearer {secret}",
+            "-F",
+            f"file=@{fake}",
+            gateway.url + UPLOAD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     body, code = out.stdout.rsplit("\n", 1)
     assert code == "415" and json.loads(body)["code"] == "type_mismatch"
@@ -384,9 +441,7 @@ async def test_refusals_carry_cors_headers_for_allowed_origins_only(
     assert "Access-Control-Allow-Origin" not in headers
 
 
-async def test_a_cors_preflight_needs_no_secret(
-    gateway: GatewayProc, backend: BackendProc
-) -> None:
+async def test_a_cors_preflight_needs_no_secret(gateway: GatewayProc, backend: BackendProc) -> None:
     hdrs = {"Origin": "https://chat.example.com", "Access-Control-Request-Method": "POST"}
     async with aiohttp.ClientSession() as s, s.options(gateway.url + UPLOAD, headers=hdrs) as r:
         assert r.status == 200
@@ -412,8 +467,12 @@ async def test_clients_can_ask_for_their_policy(
 
 # -- report mode -------------------------------------------------------------------------------
 
+
 async def test_report_mode_lets_a_would_be_rejection_through_and_counts_it(
-    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path, api_key: str,
+    redis_server: RedisServer,
+    backend_proc: BackendProc,
+    tmp_path: Path,
+    api_key: str,
     gateway: GatewayProc,
 ) -> None:
     config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")

@@ -125,17 +125,30 @@ class KeyStore:
     # -- administration ---------------------------------------------------------------------------
 
     def _queue_add(
-        self, pipe: AnyPipeline, client: str, expires: float, label: str,
-        allow_ips: Sequence[str], rate_limit: RateLimit | None, now: float,
+        self,
+        pipe: AnyPipeline,
+        client: str,
+        expires: float,
+        label: str,
+        allow_ips: Sequence[str],
+        rate_limit: RateLimit | None,
+        now: float,
     ) -> NewKey:
         api_key = "ugw_" + secrets.token_urlsafe(32)
         digest_hex = digest(api_key)
         key_id = "k_" + secrets.token_hex(6)
         pipe.zadd(self.keys_zset, {digest_hex: expires})
-        pipe.hset(self._meta(digest_hex), mapping={
-            "key_id": key_id, "client": client, "label": label, "created": f"{now:.3f}",
-            "allow_ips": ",".join(allow_ips), "rate_limit": str(rate_limit) if rate_limit else "",
-        })
+        pipe.hset(
+            self._meta(digest_hex),
+            mapping={
+                "key_id": key_id,
+                "client": client,
+                "label": label,
+                "created": f"{now:.3f}",
+                "allow_ips": ",".join(allow_ips),
+                "rate_limit": str(rate_limit) if rate_limit else "",
+            },
+        )
         pipe.sadd(self._client_set(client), digest_hex)
         pipe.hset(self.key_ids, key_id, digest_hex)
         record = KeyRecord(
@@ -144,8 +157,13 @@ class KeyStore:
         return NewKey(record, SecretValue(api_key.encode()))
 
     async def add(
-        self, client: str, expires: float = math.inf, *, label: str = "",
-        allow_ips: Sequence[str] = (), rate_limit: RateLimit | None = None,
+        self,
+        client: str,
+        expires: float = math.inf,
+        *,
+        label: str = "",
+        allow_ips: Sequence[str] = (),
+        rate_limit: RateLimit | None = None,
     ) -> NewKey:
         """A new active key for ``client``, written atomically."""
         _check_client(client)
@@ -155,8 +173,14 @@ class KeyStore:
         return new
 
     async def rotate(
-        self, client: str, overlap: float, expires: float = math.inf, *, label: str = "",
-        allow_ips: Sequence[str] = (), rate_limit: RateLimit | None = None,
+        self,
+        client: str,
+        overlap: float,
+        expires: float = math.inf,
+        *,
+        label: str = "",
+        allow_ips: Sequence[str] = (),
+        rate_limit: RateLimit | None = None,
     ) -> tuple[NewKey, list[KeyRecord]]:
         """A new key; the client's other keys now expire at min(their expiry, now + overlap).
 
@@ -178,8 +202,14 @@ class KeyStore:
         return new, ended
 
     async def _rotate_once(
-        self, pipe: AnyPipeline, client: str, overlap: float, expires: float, label: str,
-        allow_ips: Sequence[str], rate_limit: RateLimit | None,
+        self,
+        pipe: AnyPipeline,
+        client: str,
+        overlap: float,
+        expires: float,
+        label: str,
+        allow_ips: Sequence[str],
+        rate_limit: RateLimit | None,
     ) -> tuple[NewKey, list[KeyRecord]]:
         await pipe.watch(self._client_set(client), self.keys_zset)
         old_digests = sorted(_text(d) for d in await pipe.smembers(self._client_set(client)))
@@ -192,8 +222,18 @@ class KeyStore:
         for record in old:
             end = min(record.expires, cutoff)
             pipe.zadd(self.keys_zset, {record.digest: end}, xx=True)
-            ended.append(KeyRecord(record.key_id, record.client, record.label, record.created,
-                                   end, record.allow_ips, record.rate_limit, record.digest))
+            ended.append(
+                KeyRecord(
+                    record.key_id,
+                    record.client,
+                    record.label,
+                    record.created,
+                    end,
+                    record.allow_ips,
+                    record.rate_limit,
+                    record.digest,
+                )
+            )
         await pipe.execute()
         return new, ended
 

@@ -39,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(config: Config) -> list[str]:
     """What an operator wants to eyeball after a change: where it listens, and the policy."""
-    lines = [f"listen {config.listen}, admin {config.admin_listen}, mode {config.mode}",
-             f"backend {config.backend.url}, redis {config.redis.url}"]
+    lines = [
+        f"listen {config.listen}, admin {config.admin_listen}, mode {config.mode}",
+        f"backend {config.backend.url}, redis {config.redis.url}",
+    ]
     for kid, key in config.auth.keys.items():
         if key.public_key_file is not None:
             lines.append(f"key {kid}: public key {key.public_key_file}")
@@ -54,7 +56,10 @@ def summary(config: Config) -> list[str]:
     for name, channel in config.channels.items():
         for role in ("agent", "customer"):
             policy = channel.for_role(role)
-            rule = (f"{format_size(policy.max_file_size)}, {', '.join(policy.allowed_types) or '-'}"
-                    if policy.enabled else "disabled")
+            rule = (
+                f"{format_size(policy.max_file_size)}, {', '.join(policy.allowed_types) or '-'}"
+                if policy.enabled
+                else "disabled"
+            )
             lines.append(f"  {name}/{role}: {rule}")
     return lines

@@ -42,35 +42,49 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def explain(config: Config, channel: str, role: Role, path: str, name: str | None = None,
-            declared_type: str | None = None) -> dict[str, Any]:
+def explain(
+    config: Config,
+    channel: str,
+    role: Role,
+    path: str,
+    name: str | None = None,
+    declared_type: str | None = None,
+) -> dict[str, Any]:
     """The whole answer as a JSON-able dict (``verdict``: accept, report or reject)."""
     policy = rules.effective_policy(config, channel_key(config, channel), role)
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         head = handle.read(config.uploads.sniff_bytes)
-    facts = rules.FileFacts(name or os.path.basename(path), declared_type,
-                            Sniffer().sniff(head), size)
+    facts = rules.FileFacts(
+        name or os.path.basename(path), declared_type, Sniffer().sniff(head), size
+    )
     error = _judge(config, policy, facts)
     verdict = "accept"
     if error is not None:
         verdict = "reject" if rules.enforced(error, policy.mode) else "report"
     return {
-        "file": {"name": facts.filename, "size": size, "declared_type": declared_type,
-                 "sniffed_type": facts.sniffed_type},
+        "file": {
+            "name": facts.filename,
+            "size": size,
+            "declared_type": declared_type,
+            "sniffed_type": facts.sniffed_type,
+        },
         "policy": policy.as_dict(),
         "verdict": verdict,
         "reason": None if error is None else _reason(error),
     }
 
 
-def _judge(config: Config, policy: rules.EffectivePolicy,
-           facts: rules.FileFacts) -> GatewayError | None:
+def _judge(
+    config: Config, policy: rules.EffectivePolicy, facts: rules.FileFacts
+) -> GatewayError | None:
     if facts.size > config.limits.max_request_size:
         limit = config.limits.max_request_size
         return GatewayError(
-            "request_too_large", f"the file alone is over {format_size(limit)}",
-            limit_bytes=limit, limit_source="limits.max_request_size",
+            "request_too_large",
+            f"the file alone is over {format_size(limit)}",
+            limit_bytes=limit,
+            limit_source="limits.max_request_size",
         )
     if facts.size > policy.system_cap:
         return rules.file_too_large(rules.capped(policy), facts.filename)
@@ -89,11 +103,17 @@ def render(answer: dict[str, Any]) -> str:
     rows = [
         ("uploads enabled", "yes" if p["enabled"]["value"] else "no", p["enabled"]["source"]),
         ("max file size", _size(p["max_file_size"]["bytes"]), p["max_file_size"]["source"]),
-        ("max request size", _size(p["max_request_size"]["bytes"]),
-         p["max_request_size"]["source"]),
+        (
+            "max request size",
+            _size(p["max_request_size"]["bytes"]),
+            p["max_request_size"]["source"],
+        ),
         ("max files", str(p["max_files"]["value"]), p["max_files"]["source"]),
-        ("allowed types", ", ".join(p["allowed_types"]["value"]) or "(none)",
-         p["allowed_types"]["source"]),
+        (
+            "allowed types",
+            ", ".join(p["allowed_types"]["value"]) or "(none)",
+            p["allowed_types"]["source"],
+        ),
         ("mode", p["mode"]["value"], p["mode"]["source"]),
     ]
     lines = [
@@ -108,8 +128,11 @@ def render(answer: dict[str, Any]) -> str:
     if answer["verdict"] == "accept":
         lines.append("verdict:      ACCEPTED")
     else:
-        head = "REJECTED" if answer["verdict"] == "reject" else \
-            "WOULD BE REJECTED (mode report: let through and counted)"
+        head = (
+            "REJECTED"
+            if answer["verdict"] == "reject"
+            else "WOULD BE REJECTED (mode report: let through and counted)"
+        )
         lines.append(f"verdict:      {head}: {reason['status']} {reason['code']}")
         lines.append(f"reason:       {reason['detail']}")
     return "\n".join(lines)
@@ -126,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     try:
-        answer = explain(config, args.channel, args.role, args.file, args.name,
-                         args.declared_type)
+        answer = explain(config, args.channel, args.role, args.file, args.name, args.declared_type)
     except OSError as exc:
         print(f"cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2

@@ -40,8 +40,12 @@ def register(subparsers: Any) -> None:
 
     rotate = actions.add_parser("rotate", help="new key; the client's old keys end after --overlap")
     _key_options(rotate)
-    rotate.add_argument("--overlap", type=_duration, default=7 * 86400.0,
-                        help="how long the old keys keep working (default 7d)")
+    rotate.add_argument(
+        "--overlap",
+        type=_duration,
+        default=7 * 86400.0,
+        help="how long the old keys keep working (default 7d)",
+    )
     rotate.set_defaults(func=run, handler=_rotate)
 
     revoke = actions.add_parser("revoke", help="make a key inactive on every replica at once")
@@ -64,13 +68,24 @@ def _key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client", required=True, help="the client (tenant) id the key belongs to")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--expires", type=_date, help="expiry: ISO date or datetime (UTC if no zone)")
-    when.add_argument("--ttl", type=_ttl,
-                      help=f"lifetime, e.g. 90d, or 'never' (default {DEFAULT_TTL})")
+    when.add_argument(
+        "--ttl", type=_ttl, help=f"lifetime, e.g. 90d, or 'never' (default {DEFAULT_TTL})"
+    )
     parser.add_argument("--label", default="", help="free text shown by `keys list`")
-    parser.add_argument("--allow-ip", action="append", default=[], type=_cidr, metavar="CIDR",
-                        help="only these client addresses may use the key (repeatable)")
-    parser.add_argument("--rate-limit", type=_rate, metavar="N/WINDOW",
-                        help="per-client limit counted across all replicas, e.g. 100/60s")
+    parser.add_argument(
+        "--allow-ip",
+        action="append",
+        default=[],
+        type=_cidr,
+        metavar="CIDR",
+        help="only these client addresses may use the key (repeatable)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=_rate,
+        metavar="N/WINDOW",
+        help="per-client limit counted across all replicas, e.g. 100/60s",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,15 +117,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _add(store: KeyStore, args: argparse.Namespace) -> int:
-    new = await store.add(args.client, _expiry(args), label=args.label,
-                          allow_ips=args.allow_ip, rate_limit=args.rate_limit)
+    new = await store.add(
+        args.client,
+        _expiry(args),
+        label=args.label,
+        allow_ips=args.allow_ip,
+        rate_limit=args.rate_limit,
+    )
     _print_new(new, args.json)
     return 0
 
 
 async def _rotate(store: KeyStore, args: argparse.Namespace) -> int:
-    new, ended = await store.rotate(args.client, args.overlap, _expiry(args), label=args.label,
-                                    allow_ips=args.allow_ip, rate_limit=args.rate_limit)
+    new, ended = await store.rotate(
+        args.client,
+        args.overlap,
+        _expiry(args),
+        label=args.label,
+        allow_ips=args.allow_ip,
+        rate_limit=args.rate_limit,
+    )
     old = [{"key_id": r.key_id, "expires": _iso(r.expires)} for r in ended]
     _print_new(new, args.json, {"old_keys": old})
     if not args.json:
@@ -158,8 +184,13 @@ async def _purge(store: KeyStore, args: argparse.Namespace) -> int:
 def _print_new(new: NewKey, as_json: bool, extra: dict[str, Any] | None = None) -> None:
     record, api_key = new.record, new.api_key.reveal().decode()
     if as_json:
-        out = {"key_id": record.key_id, "client": record.client, "api_key": api_key,
-               "expires": _iso(record.expires), **(extra or {})}
+        out = {
+            "key_id": record.key_id,
+            "client": record.client,
+            "api_key": api_key,
+            "expires": _iso(record.expires),
+            **(extra or {}),
+        }
         print(json.dumps(out))
         return
     print(f"key_id:  {record.key_id}")
@@ -171,9 +202,13 @@ def _print_new(new: NewKey, as_json: bool, extra: dict[str, Any] | None = None) 
 
 def _row(record: KeyRecord, now: float) -> dict[str, Any]:
     return {
-        "key_id": record.key_id, "client": record.client, "label": record.label,
-        "created": _iso(record.created), "expires": _iso(record.expires),
-        "state": record.state(now), "allow_ips": list(record.allow_ips),
+        "key_id": record.key_id,
+        "client": record.client,
+        "label": record.label,
+        "created": _iso(record.created),
+        "expires": _iso(record.expires),
+        "state": record.state(now),
+        "allow_ips": list(record.allow_ips),
         "rate_limit": str(record.rate_limit) if record.rate_limit else None,
     }
 

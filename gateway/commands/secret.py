@@ -39,8 +39,14 @@ def register(subparsers: Any) -> None:
     m = actions.add_parser("mint", help="print a signed Secret for an API key, and nothing else")
     m.add_argument("--api-key", required=True, help="the API key to carry ('-': read stdin)")
     m.add_argument("--ttl", type=_duration, default=86400.0, help="lifetime (default 24h)")
-    m.add_argument("--claim", action="append", default=[], type=_claim, metavar="NAME=VALUE",
-                   help="extra claim; VALUE is JSON if it parses (true, 3), else a string")
+    m.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        type=_claim,
+        metavar="NAME=VALUE",
+        help="extra claim; VALUE is JSON if it parses (true, 3), else a string",
+    )
     m.add_argument("--kid", default=DEFAULT_KID, help="signing key id (default 'default')")
     m.add_argument("--private-key-file", help="PEM private key, for RS/ES keys")
     add_config_argument(m)

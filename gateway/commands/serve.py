@@ -10,7 +10,9 @@ from gateway.commands import add_config_argument
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the proxy")
     add_config_argument(p)
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
     p.set_defaults(func=run)
 
 

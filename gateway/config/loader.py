@@ -54,8 +54,21 @@ SYSTEM_MAX_FILE_SIZE = 20 * MiB
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
-_TOP_KEYS = ("listen", "admin_listen", "backend", "redis", "auth", "spool", "mode", "cors",
-             "limits", "uploads", "channels", "server", "log_level")
+_TOP_KEYS = (
+    "listen",
+    "admin_listen",
+    "backend",
+    "redis",
+    "auth",
+    "spool",
+    "mode",
+    "cors",
+    "limits",
+    "uploads",
+    "channels",
+    "server",
+    "log_level",
+)
 
 
 def load_config(
@@ -110,8 +123,13 @@ def _build_config(reader: Reader, root: Node | None, require_secrets: bool) -> C
     simple: dict[str, Callable[[Reader, Node, str], object]] = {
         "listen": lambda r, n, k: r.host_port(n, k),
         "admin_listen": lambda r, n, k: r.host_port(n, k),
-        "backend": _backend, "redis": _redis, "spool": _spool, "cors": _cors, "limits": _limits,
-        "uploads": read_uploads, "server": _server,
+        "backend": _backend,
+        "redis": _redis,
+        "spool": _spool,
+        "cors": _cors,
+        "limits": _limits,
+        "uploads": read_uploads,
+        "server": _server,
         "mode": lambda r, n, k: r.choice(n, k, MODES),
         "log_level": _log_level,
     }
@@ -136,27 +154,35 @@ def _build_config(reader: Reader, root: Node | None, require_secrets: bool) -> C
 
 
 def _backend(reader: Reader, node: Node, key: str) -> BackendConfig | None:
-    fields = reader.fields(node, key, {
-        "url": lambda n, k: reader.url(n, k, reader.string(n, k), ("http", "https")),
-        "connect_timeout": reader.positive_duration,
-        "read_timeout": reader.positive_duration,
-        "pool_size": reader.integer,
-        "ca_file": reader.string,
-        "verify_tls": reader.boolean,
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "url": lambda n, k: reader.url(n, k, reader.string(n, k), ("http", "https")),
+            "connect_timeout": reader.positive_duration,
+            "read_timeout": reader.positive_duration,
+            "pool_size": reader.integer,
+            "ca_file": reader.string,
+            "verify_tls": reader.boolean,
+        },
+    )
     return None if fields is None else replace(BackendConfig(), **fields)
 
 
 def _redis(reader: Reader, node: Node, key: str) -> RedisConfig | None:
-    fields = reader.fields(node, key, {
-        "url": lambda n, k: reader.url(n, k, reader.string(n, k), ("redis", "rediss", "unix")),
-        "key_prefix": reader.string,
-        "sentinels": lambda n, k: _host_ports(reader, n, k),
-        "sentinel_service": reader.string,
-        "cluster": reader.boolean,
-        "timeout": reader.positive_duration,
-        "pool_size": reader.integer,
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "url": lambda n, k: reader.url(n, k, reader.string(n, k), ("redis", "rediss", "unix")),
+            "key_prefix": reader.string,
+            "sentinels": lambda n, k: _host_ports(reader, n, k),
+            "sentinel_service": reader.string,
+            "cluster": reader.boolean,
+            "timeout": reader.positive_duration,
+            "pool_size": reader.integer,
+        },
+    )
     if fields is None:
         return None
     if fields.get("sentinels") and fields.get("cluster"):
@@ -166,25 +192,34 @@ def _redis(reader: Reader, node: Node, key: str) -> RedisConfig | None:
 
 def _host_ports(reader: Reader, node: Node, key: str) -> tuple[HostPort, ...] | None:
     entries = reader.strings(node, key) or []
-    parsed = [reader.parse_host_port(text, item, f"{key}[{i}]")
-              for i, (text, item) in enumerate(entries)]
+    parsed = [
+        reader.parse_host_port(text, item, f"{key}[{i}]") for i, (text, item) in enumerate(entries)
+    ]
     return tuple(p for p in parsed if p is not None)
 
 
 def _spool(reader: Reader, node: Node, key: str) -> SpoolConfig | None:
-    fields = reader.fields(node, key, {
-        "dir": reader.string,
-        "memory_threshold": lambda n, k: reader.size(n, k, minimum=0),
-        "max_bytes": reader.size,
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "dir": reader.string,
+            "memory_threshold": lambda n, k: reader.size(n, k, minimum=0),
+            "max_bytes": reader.size,
+        },
+    )
     return None if fields is None else replace(SpoolConfig(), **fields)
 
 
 def _cors(reader: Reader, node: Node, key: str) -> CorsConfig | None:
-    fields = reader.fields(node, key, {
-        "allowed_origins": lambda n, k: _origins(reader, n, k),
-        "max_age": lambda n, k: _whole_seconds(reader.duration(n, k)),
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "allowed_origins": lambda n, k: _origins(reader, n, k),
+            "max_age": lambda n, k: _whole_seconds(reader.duration(n, k)),
+        },
+    )
     return None if fields is None else replace(CorsConfig(), **fields)
 
 
@@ -207,31 +242,41 @@ def _limits(reader: Reader, node: Node, key: str) -> LimitsConfig | None:
     found = reader.mapping(node, key, ("max_file_size", "max_request_size", "max_files"))
     if found is None:
         return None
-    fields = reader.read_fields(found, key, {
-        "max_file_size": reader.size,
-        "max_request_size": reader.size,
-        "max_files": reader.integer,
-    })
+    fields = reader.read_fields(
+        found,
+        key,
+        {
+            "max_file_size": reader.size,
+            "max_request_size": reader.size,
+            "max_files": reader.integer,
+        },
+    )
     size = fields.get("max_file_size")
     if size is not None and size > SYSTEM_MAX_FILE_SIZE:
-        reader.error(found["max_file_size"], f"{key}.max_file_size",
-                     f"{format_size(size)} is above the system cap of "
-                     f"{format_size(SYSTEM_MAX_FILE_SIZE)}")
+        reader.error(
+            found["max_file_size"],
+            f"{key}.max_file_size",
+            f"{format_size(size)} is above the system cap of {format_size(SYSTEM_MAX_FILE_SIZE)}",
+        )
         del fields["max_file_size"]
     return replace(LimitsConfig(), **fields)
 
 
 def _server(reader: Reader, node: Node, key: str) -> ServerConfig | None:
-    fields = reader.fields(node, key, {
-        "header_timeout": reader.positive_duration,
-        "body_timeout": reader.positive_duration,
-        "keepalive_timeout": reader.positive_duration,
-        "shutdown_grace": reader.duration,
-        "max_header_size": reader.size,
-        "max_line_size": reader.size,
-        "tls_cert_file": reader.string,
-        "tls_key_file": reader.string,
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "header_timeout": reader.positive_duration,
+            "body_timeout": reader.positive_duration,
+            "keepalive_timeout": reader.positive_duration,
+            "shutdown_grace": reader.duration,
+            "max_header_size": reader.size,
+            "max_line_size": reader.size,
+            "tls_cert_file": reader.string,
+            "tls_key_file": reader.string,
+        },
+    )
     if fields is None:
         return None
     if ("tls_cert_file" in fields) != ("tls_key_file" in fields):
@@ -258,11 +303,11 @@ def _apply_env(reader: Reader, config: Config) -> Config:
             elif address is not None:
                 config = replace(config, admin_listen=address)
     if env.get("GATEWAY_REDIS_URL"):
-        url = reader.url(None, "GATEWAY_REDIS_URL", env["GATEWAY_REDIS_URL"],
-                         ("redis", "rediss", "unix"))
+        url = reader.url(
+            None, "GATEWAY_REDIS_URL", env["GATEWAY_REDIS_URL"], ("redis", "rediss", "unix")
+        )
         config = replace(config, redis=replace(config.redis, url=url)) if url else config
     if env.get("GATEWAY_BACKEND_URL"):
-        url = reader.url(None, "GATEWAY_BACKEND_URL", env["GATEWAY_BACKEND_URL"],
-                         ("http", "https"))
+        url = reader.url(None, "GATEWAY_BACKEND_URL", env["GATEWAY_BACKEND_URL"], ("http", "https"))
         config = replace(config, backend=replace(config.backend, url=url)) if url else config
     return replace(config, auth=apply_signing_key_override(reader, config.auth))

@@ -39,11 +39,15 @@ _PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def read_uploads(reader: Reader, node: Node, key: str) -> UploadsConfig | None:
-    fields = reader.fields(node, key, {
-        "routes": lambda n, k: _routes(reader, n, k),
-        "role": lambda n, k: _role_source(reader, n, k),
-        "sniff_bytes": lambda n, k: _sniff_bytes(reader, n, k),
-    })
+    fields = reader.fields(
+        node,
+        key,
+        {
+            "routes": lambda n, k: _routes(reader, n, k),
+            "role": lambda n, k: _role_source(reader, n, k),
+            "sniff_bytes": lambda n, k: _sniff_bytes(reader, n, k),
+        },
+    )
     return None if fields is None else replace(UploadsConfig(), **fields)
 
 
@@ -81,8 +85,11 @@ def _route(reader: Reader, node: Node, key: str) -> RouteConfig | None:
         return None
     bare = _PLACEHOLDER.sub("", path)
     if not path.startswith("/") or path.count("{channel}") != 1 or "{" in bare or "}" in bare:
-        reader.error(path_node, path_key,
-                     f"must start with / and contain {{channel}} exactly once, got {path!r}")
+        reader.error(
+            path_node,
+            path_key,
+            f"must start with / and contain {{channel}} exactly once, got {path!r}",
+        )
         return None
     route = RouteConfig(path=path)
     if "methods" in found:
@@ -113,11 +120,15 @@ def _role_source(reader: Reader, node: Node, key: str) -> RoleSourceConfig | Non
         if claim is not None or _is_null(claim_node):
             source = replace(source, from_claim=claim)
     if "from_form" in found and not _is_null(found["from_form"]):
-        form = reader.fields(found["from_form"], join(key, "from_form"), {
-            "field": reader.string,
-            "json_key": reader.string,
-            "agent_when": lambda n, k: reader.scalar(n, k, "a scalar such as true"),
-        })
+        form = reader.fields(
+            found["from_form"],
+            join(key, "from_form"),
+            {
+                "field": reader.string,
+                "json_key": reader.string,
+                "agent_when": lambda n, k: reader.scalar(n, k, "a scalar such as true"),
+            },
+        )
         source = replace(source, from_form=replace(FormRoleSource(), **(form or {})))
     if "default" in found:
         role = reader.choice(found["default"], join(key, "default"), ("agent", "customer"))
@@ -137,8 +148,11 @@ def read_channels(
     if found is None:
         return None
     if "default" not in found:
-        reader.error(reader.owner(node), join(key, "default"),
-                     "required: the policy of every unlisted channel")
+        reader.error(
+            reader.owner(node),
+            join(key, "default"),
+            "required: the policy of every unlisted channel",
+        )
     default = None
     if "default" in found:
         default = _channel_policy(reader, found["default"], join(key, "default"), cap, None)
@@ -193,15 +207,20 @@ def _role_policy(reader: Reader, node: Node, key: str, cap: int) -> RolePolicy |
         size_node, size_key = found["max_file_size"], join(key, "max_file_size")
         size = reader.size(size_node, size_key)
         if size is not None and size > cap:
-            reader.error(size_node, size_key, f"{format_size(size)} is above "
-                         f"limits.max_file_size ({format_size(cap)})")
+            reader.error(
+                size_node,
+                size_key,
+                f"{format_size(size)} is above limits.max_file_size ({format_size(cap)})",
+            )
         elif size is not None:
             policy = replace(policy, max_file_size=size)
     if "allowed_types" in found:
         types_key = join(key, "allowed_types")
         entries = reader.strings(found["allowed_types"], types_key) or []
-        checked = [_allowed_type(reader, text, item, f"{types_key}[{i}]")
-                   for i, (text, item) in enumerate(entries)]
+        checked = [
+            _allowed_type(reader, text, item, f"{types_key}[{i}]")
+            for i, (text, item) in enumerate(entries)
+        ]
         policy = replace(policy, allowed_types=tuple(dict.fromkeys(t for t in checked if t)))
     return policy
 

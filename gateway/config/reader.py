@@ -108,12 +108,17 @@ class Reader:
         return None if found is None else self.read_fields(found, key, readers)
 
     def read_fields(
-        self, found: Mapping[str, Node], key: str,
+        self,
+        found: Mapping[str, Node],
+        key: str,
         readers: Mapping[str, Callable[[Node, str], object]],
     ) -> dict[str, Any]:
         """The valid values of those ``readers`` keys present in an already-read mapping."""
-        values = {name: readers[name](node, join(key, name))
-                  for name, node in found.items() if name in readers}
+        values = {
+            name: readers[name](node, join(key, name))
+            for name, node in found.items()
+            if name in readers
+        }
         return {name: value for name, value in values.items() if value is not None}
 
     def scalar(self, node: Node, key: str, what: str) -> object:

@@ -27,7 +27,8 @@ _EC_CURVE_ALGORITHM = {"secp256r1": "ES256", "secp384r1": "ES384"}
 
 def read_auth(reader: Reader, node: Node, key: str, require_secrets: bool) -> AuthConfig | None:
     found = reader.mapping(
-        node, key, ("header", "algorithms", "keys", "leeway", "cache_ttl", "retry_after"))
+        node, key, ("header", "algorithms", "keys", "leeway", "cache_ttl", "retry_after")
+    )
     if found is None:
         return None
     auth, usable = AuthConfig(), AuthConfig().algorithms
@@ -37,18 +38,24 @@ def read_auth(reader: Reader, node: Node, key: str, require_secrets: bool) -> Au
         auth = replace(auth, algorithms=algs or auth.algorithms)
         # With a bad algorithm list, check keys against all of them: one mistake, one message.
         usable = auth.algorithms if len(reader.issues) == before else ALGORITHMS
-    fields = reader.read_fields(found, key, {
-        "header": lambda n, k: _header_name(reader, n, k),
-        "leeway": reader.duration,
-        "cache_ttl": reader.duration,
-        "retry_after": lambda n, k: reader.integer(n, k, minimum=0),
-    })
+    fields = reader.read_fields(
+        found,
+        key,
+        {
+            "header": lambda n, k: _header_name(reader, n, k),
+            "leeway": reader.duration,
+            "cache_ttl": reader.duration,
+            "retry_after": lambda n, k: reader.integer(n, k, minimum=0),
+        },
+    )
     auth = replace(auth, **fields)
     if "keys" in found:
         keys_key = join(key, "keys")
         entries = reader.mapping(found["keys"], keys_key, None) or {}
-        read = {kid: _signing_key(reader, kid, knode, join(keys_key, kid), usable, require_secrets)
-                for kid, knode in entries.items()}
+        read = {
+            kid: _signing_key(reader, kid, knode, join(keys_key, kid), usable, require_secrets)
+            for kid, knode in entries.items()
+        }
         auth = replace(auth, keys=MappingProxyType({k: v for k, v in read.items() if v}))
     return auth
 
@@ -111,7 +118,7 @@ def _signing_key(
     if len(found) != 1:
         reader.error(reader.owner(node), key, "needs exactly one of secret_env or public_key_file")
         return None
-    (name, vnode), = found.items()
+    ((name, vnode),) = found.items()
     value = reader.string(vnode, join(key, name))
     if value is None:
         return None

@@ -97,16 +97,19 @@ class MultipartInspector:
     def __init__(self, boundary: bytes, sniff_bytes: int, role_field: str | None) -> None:
         self._sniff_bytes = sniff_bytes
         self._role_field = role_field
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-            "on_end": self._on_end,
-        })
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+        )
         self.files: list[Part] = []
         self.role_value: bytes | None = None
         self.fields = 0
@@ -170,7 +173,7 @@ class MultipartInspector:
         if part.is_file:
             room = self._sniff_bytes - len(part.head)
             if room > 0:
-                part.head += data[start:min(end, start + room)]
+                part.head += data[start : min(end, start + room)]
             self._touched[id(part)] = part
         elif part.value is not None:
             if part.size > MAX_ROLE_FIELD:

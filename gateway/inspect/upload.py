@@ -50,8 +50,9 @@ Body = StreamReader | AsyncIterable[bytes]
 class InspectedUpload:
     """An accepted body, spooled, ready to be forwarded unchanged."""
 
-    def __init__(self, spool: Spool, files: list[rules.FileVerdict], role: Role,
-                 reported: list[GatewayError]) -> None:
+    def __init__(
+        self, spool: Spool, files: list[rules.FileVerdict], role: Role, reported: list[GatewayError]
+    ) -> None:
         self._spool = spool
         self.files = files
         self.role = role
@@ -85,7 +86,8 @@ def _encoding_error(headers: Mapping[str, str]) -> GatewayError | None:
     return GatewayError(
         "type_not_allowed",
         f"uploads must not be sent with Content-Encoding {coding}: send the file as it is",
-        headers={"Accept-Encoding": "identity"}, content_encoding=coding,
+        headers={"Accept-Encoding": "identity"},
+        content_encoding=coding,
     )
 
 
@@ -113,8 +115,11 @@ def request_too_large(config: Config, target: UploadTarget, role: Role | None) -
         "request_too_large",
         f"the request is larger than {limit} bytes, the most the gateway accepts in one upload "
         "(set by limits.max_request_size)",
-        limit_bytes=limit, limit_source="limits.max_request_size", channel=target.channel,
-        role=role, maxFileSizeAllow=rules.megabytes(limit),
+        limit_bytes=limit,
+        limit_source="limits.max_request_size",
+        channel=target.channel,
+        role=role,
+        maxFileSizeAllow=rules.megabytes(limit),
     )
 
 
@@ -144,8 +149,10 @@ def precheck_upload(
     if not multipart and length is not None:
         limit = policy.max_file_size if mode == "enforce" else policy.system_cap
         if length > limit:
-            raise rules.file_too_large(policy if mode == "enforce" else rules.capped(policy),
-                                       _raw_filename(headers, target))
+            raise rules.file_too_large(
+                policy if mode == "enforce" else rules.capped(policy),
+                _raw_filename(headers, target),
+            )
 
 
 def _raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
@@ -163,9 +170,15 @@ def _raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | Non
 class _Inspection:
     """The state of one upload's inspection; :meth:`feed` each chunk, then :meth:`finish`."""
 
-    def __init__(self, headers: Mapping[str, str], target: UploadTarget,
-                 claims: Mapping[str, Any], config: Config, sniffer: Sniffer,
-                 metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        headers: Mapping[str, str],
+        target: UploadTarget,
+        claims: Mapping[str, Any],
+        config: Config,
+        sniffer: Sniffer,
+        metrics: Metrics | None,
+    ) -> None:
         self.config, self.target, self.sniffer, self.metrics = config, target, sniffer, metrics
         self.mode = _mode(config, target)
         self.sniff_bytes = config.uploads.sniff_bytes
@@ -181,12 +194,14 @@ class _Inspection:
         if multipart:
             form = config.uploads.role.from_form
             self.inspector = MultipartInspector(
-                boundary_of(headers.get("Content-Type", "")), self.sniff_bytes,
+                boundary_of(headers.get("Content-Type", "")),
+                self.sniff_bytes,
                 form.field if form is not None else None,
             )
         else:
-            self.raw = Part(0, None, _raw_filename(headers, target),
-                            headers.get("Content-Type"), is_file=True)
+            self.raw = Part(
+                0, None, _raw_filename(headers, target), headers.get("Content-Type"), is_file=True
+            )
 
     @property
     def files(self) -> list[Part]:
@@ -214,8 +229,12 @@ class _Inspection:
         self.reported.append(error)
         if self.metrics is not None and len(self.reported) == 1:
             self.metrics.would_reject.labels(error.code, self.target.channel).inc()
-        log.warning("mode report: would refuse %s on channel %s: %s",
-                    error.code, self.target.channel, error.detail)
+        log.warning(
+            "mode report: would refuse %s on channel %s: %s",
+            error.code,
+            self.target.channel,
+            error.detail,
+        )
 
     def start(self) -> None:
         if self.role is not None:
@@ -254,8 +273,11 @@ class _Inspection:
     def _too_many_files(self) -> GatewayError:
         limit = self.config.limits.max_files
         return GatewayError(
-            "too_many_files", f"more than {limit} files in one request (set by limits.max_files)",
-            limit=limit, limit_source="limits.max_files", channel=self.target.channel,
+            "too_many_files",
+            f"more than {limit} files in one request (set by limits.max_files)",
+            limit=limit,
+            limit_source="limits.max_files",
+            channel=self.target.channel,
             role=self.role,
         )
 
@@ -302,8 +324,9 @@ class _Inspection:
                 self.handle(rules.file_too_large(loosest, part.filename), part.index)
 
     def _facts(self, part: Part) -> rules.FileFacts:
-        return rules.FileFacts(part.filename, part.content_type, part.sniffed or "", part.size,
-                               part.name)
+        return rules.FileFacts(
+            part.filename, part.content_type, part.sniffed or "", part.size, part.name
+        )
 
     async def finish(self) -> list[rules.FileVerdict]:
         if self.inspector is not None:
@@ -316,8 +339,9 @@ class _Inspection:
         verdicts = []
         for part in self.files:
             facts = self._facts(part)
-            verdicts.append(replace(rules.FileVerdict.of(facts, None),
-                                    reason=self.reasons.get(part.index)))
+            verdicts.append(
+                replace(rules.FileVerdict.of(facts, None), reason=self.reasons.get(part.index))
+            )
             if self.metrics is not None:
                 self.metrics.upload_size.labels(self.target.channel, self.role).observe(part.size)
         return verdicts
@@ -351,8 +375,7 @@ async def inspect_upload(
     error = _encoding_error(headers)
     if error is not None:
         raise error
-    inspection = _Inspection(headers, target, claims, config, sniffer or default_sniffer(),
-                             metrics)
+    inspection = _Inspection(headers, target, claims, config, sniffer or default_sniffer(), metrics)
     spool = Spool(config.spool, spool_limits, metrics)
     try:
         inspection.start()

@@ -16,8 +16,9 @@ from gateway.errors import GatewayError
 from gateway.policy import types
 
 ROLE_KEYS: dict[Role, str] = {"agent": "agents", "customer": "customers"}
-SYSTEM_REASONS = frozenset({"request_too_large", "too_many_files", "malformed_request",
-                            "spool_full"})
+SYSTEM_REASONS = frozenset(
+    {"request_too_large", "too_many_files", "malformed_request", "spool_full"}
+)
 """Refusals that ``mode: report`` never waives (see :func:`enforced`)."""
 
 
@@ -51,11 +52,15 @@ class EffectivePolicy:
             "mode": {"value": self.mode, "source": self.mode_source},
             "enabled": {"value": self.enabled, "source": self.enabled_source},
             "max_file_size": {"bytes": self.max_file_size, "source": self.max_file_size_source},
-            "max_request_size": {"bytes": self.max_request_size,
-                                 "source": "limits.max_request_size"},
+            "max_request_size": {
+                "bytes": self.max_request_size,
+                "source": "limits.max_request_size",
+            },
             "max_files": {"value": self.max_files, "source": "limits.max_files"},
-            "allowed_types": {"value": list(self.allowed_types),
-                              "source": self.allowed_types_source},
+            "allowed_types": {
+                "value": list(self.allowed_types),
+                "source": self.allowed_types_source,
+            },
         }
 
 
@@ -86,18 +91,27 @@ def effective_policy(config: Config, channel_id: str, role: Role) -> EffectivePo
     mode: Mode = channel.mode or config.mode
     mode_source = f"channels.{key}.mode" if channel.mode else "mode"
     return EffectivePolicy(
-        channel=key, role=role, enabled=policy.enabled, enabled_source=f"{source}.enabled",
-        max_file_size=size, max_file_size_source=size_source,
-        max_request_size=config.limits.max_request_size, max_files=config.limits.max_files,
-        allowed_types=policy.allowed_types, allowed_types_source=f"{source}.allowed_types",
-        mode=mode, mode_source=mode_source, system_cap=cap,
+        channel=key,
+        role=role,
+        enabled=policy.enabled,
+        enabled_source=f"{source}.enabled",
+        max_file_size=size,
+        max_file_size_source=size_source,
+        max_request_size=config.limits.max_request_size,
+        max_files=config.limits.max_files,
+        allowed_types=policy.allowed_types,
+        allowed_types_source=f"{source}.allowed_types",
+        mode=mode,
+        mode_source=mode_source,
+        system_cap=cap,
     )
 
 
 def capped(policy: EffectivePolicy) -> EffectivePolicy:
     """The same policy with the system cap as its file limit, for refusals that cite the cap."""
-    return replace(policy, max_file_size=policy.system_cap,
-                   max_file_size_source="limits.max_file_size")
+    return replace(
+        policy, max_file_size=policy.system_cap, max_file_size_source="limits.max_file_size"
+    )
 
 
 def enforced(error: GatewayError, mode: Mode) -> bool:
@@ -145,8 +159,14 @@ class FileVerdict:
 
     @classmethod
     def of(cls, facts: FileFacts, error: GatewayError | None) -> FileVerdict:
-        return cls(facts.filename, facts.field, facts.declared_type, facts.sniffed_type,
-                   facts.size, None if error is None else error.code)
+        return cls(
+            facts.filename,
+            facts.field,
+            facts.declared_type,
+            facts.sniffed_type,
+            facts.size,
+            None if error is None else error.code,
+        )
 
 
 def megabytes(num_bytes: int) -> int | float:
@@ -155,15 +175,21 @@ def megabytes(num_bytes: int) -> int | float:
 
 
 def file_fields(policy: EffectivePolicy, filename: str | None) -> dict[str, Any]:
-    return {"channel": policy.channel, "role": policy.role, "fileName": filename or "",
-            "fileExtension": types.extension_of(filename).lstrip(".")}
+    return {
+        "channel": policy.channel,
+        "role": policy.role,
+        "fileName": filename or "",
+        "fileExtension": types.extension_of(filename).lstrip("."),
+    }
 
 
 def disabled_error(policy: EffectivePolicy) -> GatewayError:
     return GatewayError(
         "uploads_disabled",
         f"uploads are not enabled for {policy.role}s on channel {policy.channel!r}",
-        channel=policy.channel, role=policy.role, limit_source=policy.enabled_source,
+        channel=policy.channel,
+        role=policy.role,
+        limit_source=policy.enabled_source,
     )
 
 
@@ -173,8 +199,10 @@ def file_too_large(policy: EffectivePolicy, filename: str | None) -> GatewayErro
         "file_too_large",
         f"the file is larger than {format_size(limit)}, the most {policy.role}s may upload "
         f"on channel {policy.channel!r} (set by {policy.max_file_size_source})",
-        limit_bytes=limit, limit_source=policy.max_file_size_source,
-        maxFileSizeAllow=megabytes(limit), **file_fields(policy, filename),
+        limit_bytes=limit,
+        limit_source=policy.max_file_size_source,
+        maxFileSizeAllow=megabytes(limit),
+        **file_fields(policy, filename),
     )
 
 
@@ -199,8 +227,10 @@ def check_spoofing(facts: FileFacts) -> GatewayError | None:
     return GatewayError(
         "type_mismatch",
         f"the file is {' and '.join(claims)} but its content is {sniffed}",
-        sniffed_type=sniffed, declared_type=facts.declared_type or "",
-        fileName=facts.filename or "", fileExtension=facts.extension.lstrip("."),
+        sniffed_type=sniffed,
+        declared_type=facts.declared_type or "",
+        fileName=facts.filename or "",
+        fileExtension=facts.extension.lstrip("."),
     )
 
 
@@ -212,15 +242,18 @@ def check_allowed(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | N
     """The channel's ``allowed_types`` for this role; executables only when named there."""
     if type_allowed(policy, facts.sniffed_type, facts.extension):
         return None
-    what = "executables are" if types.is_executable(facts.sniffed_type) else \
-        f"{facts.sniffed_type} is"
+    what = (
+        "executables are" if types.is_executable(facts.sniffed_type) else f"{facts.sniffed_type} is"
+    )
     return GatewayError(
         "type_not_allowed",
         f"{what} not allowed for {policy.role}s on channel {policy.channel!r} "
         f"(allowed: {', '.join(policy.allowed_types) or 'nothing'}; "
         f"set by {policy.allowed_types_source})",
-        sniffed_type=facts.sniffed_type, allowed_types=list(policy.allowed_types),
-        limit_source=policy.allowed_types_source, **file_fields(policy, facts.filename),
+        sniffed_type=facts.sniffed_type,
+        allowed_types=list(policy.allowed_types),
+        limit_source=policy.allowed_types_source,
+        **file_fields(policy, facts.filename),
     )
 
 

@@ -14,117 +14,183 @@ from types import MappingProxyType
 OCTET_STREAM = "application/octet-stream"
 EMPTY = "application/x-empty"
 ZIP = "application/zip"
-NO_CLAIM = frozenset({
-    OCTET_STREAM, EMPTY, "application/unknown", "*/*",
-    # What `curl --data-binary @file` sends unless told otherwise: a default, not a claim.
-    "application/x-www-form-urlencoded",
-})
+NO_CLAIM = frozenset(
+    {
+        OCTET_STREAM,
+        EMPTY,
+        "application/unknown",
+        "*/*",
+        # What `curl --data-binary @file` sends unless told otherwise: a default, not a claim.
+        "application/x-www-form-urlencoded",
+    }
+)
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
 
-EXECUTABLE_TYPES = frozenset({
-    "application/x-executable",
-    "application/x-pie-executable",
-    "application/x-sharedlib",
-    "application/x-elf",
-    "application/x-mach-binary",
-    "application/x-dosexec",
-    "application/x-msdownload",
-    "application/x-ms-installer",
-    "application/x-msi",
-    "application/vnd.microsoft.portable-executable",
-    "application/java-archive",
-    "application/x-java-applet",
-    "text/x-shellscript",
-    "text/x-msdos-batch",
-})
+EXECUTABLE_TYPES = frozenset(
+    {
+        "application/x-executable",
+        "application/x-pie-executable",
+        "application/x-sharedlib",
+        "application/x-elf",
+        "application/x-mach-binary",
+        "application/x-dosexec",
+        "application/x-msdownload",
+        "application/x-ms-installer",
+        "application/x-msi",
+        "application/vnd.microsoft.portable-executable",
+        "application/java-archive",
+        "application/x-java-applet",
+        "text/x-shellscript",
+        "text/x-msdos-batch",
+    }
+)
 """Content that runs. Blocked on every channel unless a rule names it explicitly (SPEC §4)."""
 
-OFFICE_TYPES = frozenset({
-    "application/msword", DOCX, XLSX, PPTX,
-    "application/vnd.ms-excel", "application/vnd.ms-powerpoint", "application/vnd.ms-office",
-    "application/cdfv2", "application/x-ole-storage", "application/rtf", "text/rtf",
-    "application/vnd.oasis.opendocument.text", "application/vnd.oasis.opendocument.spreadsheet",
-    "application/vnd.oasis.opendocument.presentation",
-})
-ARCHIVE_TYPES = frozenset({
-    ZIP, "application/x-tar", "application/gzip", "application/x-gzip", "application/x-bzip2",
-    "application/x-xz", "application/x-7z-compressed", "application/x-rar",
-    "application/vnd.rar", "application/zstd",
-})
+OFFICE_TYPES = frozenset(
+    {
+        "application/msword",
+        DOCX,
+        XLSX,
+        PPTX,
+        "application/vnd.ms-excel",
+        "application/vnd.ms-powerpoint",
+        "application/vnd.ms-office",
+        "application/cdfv2",
+        "application/x-ole-storage",
+        "application/rtf",
+        "text/rtf",
+        "application/vnd.oasis.opendocument.text",
+        "application/vnd.oasis.opendocument.spreadsheet",
+        "application/vnd.oasis.opendocument.presentation",
+    }
+)
+ARCHIVE_TYPES = frozenset(
+    {
+        ZIP,
+        "application/x-tar",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/x-7z-compressed",
+        "application/x-rar",
+        "application/vnd.rar",
+        "application/zstd",
+    }
+)
 
-GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "images": ("image/*",),
-    "documents": ("application/pdf", "text/plain", "text/csv", *sorted(OFFICE_TYPES)),
-    "audio": ("audio/*",),
-    "video": ("video/*",),
-    "archives": tuple(sorted(ARCHIVE_TYPES)),
-    "executables": tuple(sorted(EXECUTABLE_TYPES)),
-})
+GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "images": ("image/*",),
+        "documents": ("application/pdf", "text/plain", "text/csv", *sorted(OFFICE_TYPES)),
+        "audio": ("audio/*",),
+        "video": ("video/*",),
+        "archives": tuple(sorted(ARCHIVE_TYPES)),
+        "executables": tuple(sorted(EXECUTABLE_TYPES)),
+    }
+)
 """Named groups usable in ``allowed_types``; wildcards never match an executable."""
 
-ALIASES: Mapping[str, str] = MappingProxyType({
-    "image/jpg": "image/jpeg",
-    "image/pjpeg": "image/jpeg",
-    "image/x-png": "image/png",
-    "audio/x-wav": "audio/wav",
-    "audio/wave": "audio/wav",
-    "audio/mp3": "audio/mpeg",
-    "audio/x-mpeg": "audio/mpeg",
-    "audio/x-m4a": "audio/mp4",
-    "application/x-zip-compressed": ZIP,
-    "application/x-zip": ZIP,
-    "application/x-pdf": "application/pdf",
-    "application/x-gzip": "application/gzip",
-    "application/x-rar-compressed": "application/vnd.rar",
-    "application/x-rar": "application/vnd.rar",
-    "text/x-csv": "text/csv",
-    "application/csv": "text/csv",
-    "application/x-msdownload": "application/vnd.microsoft.portable-executable",
-    "application/x-dosexec": "application/vnd.microsoft.portable-executable",
-    "binary/octet-stream": OCTET_STREAM,
-})
+ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "image/jpg": "image/jpeg",
+        "image/pjpeg": "image/jpeg",
+        "image/x-png": "image/png",
+        "audio/x-wav": "audio/wav",
+        "audio/wave": "audio/wav",
+        "audio/mp3": "audio/mpeg",
+        "audio/x-mpeg": "audio/mpeg",
+        "audio/x-m4a": "audio/mp4",
+        "application/x-zip-compressed": ZIP,
+        "application/x-zip": ZIP,
+        "application/x-pdf": "application/pdf",
+        "application/x-gzip": "application/gzip",
+        "application/x-rar-compressed": "application/vnd.rar",
+        "application/x-rar": "application/vnd.rar",
+        "text/x-csv": "text/csv",
+        "application/csv": "text/csv",
+        "application/x-msdownload": "application/vnd.microsoft.portable-executable",
+        "application/x-dosexec": "application/vnd.microsoft.portable-executable",
+        "binary/octet-stream": OCTET_STREAM,
+    }
+)
 
-EXTENSIONS: Mapping[str, frozenset[str]] = MappingProxyType({
-    ext: frozenset(types) for ext, types in {
-        ".png": {"image/png"}, ".jpg": {"image/jpeg"}, ".jpeg": {"image/jpeg"},
-        ".jpe": {"image/jpeg"}, ".jfif": {"image/jpeg"}, ".gif": {"image/gif"},
-        ".webp": {"image/webp"}, ".bmp": {"image/bmp", "image/x-ms-bmp"},
-        ".tif": {"image/tiff"}, ".tiff": {"image/tiff"}, ".heic": {"image/heic"},
-        ".heif": {"image/heif"}, ".svg": {"image/svg+xml", "image/svg"},
-        ".ico": {"image/vnd.microsoft.icon"},
-        ".pdf": {"application/pdf"},
-        ".doc": {"application/msword", "application/cdfv2", "application/x-ole-storage"},
-        ".docx": {DOCX}, ".xlsx": {XLSX}, ".pptx": {PPTX},
-        ".xls": {"application/vnd.ms-excel", "application/cdfv2", "application/x-ole-storage"},
-        ".ppt": {"application/vnd.ms-powerpoint", "application/cdfv2",
-                 "application/x-ole-storage"},
-        ".odt": {"application/vnd.oasis.opendocument.text"},
-        ".ods": {"application/vnd.oasis.opendocument.spreadsheet"},
-        ".odp": {"application/vnd.oasis.opendocument.presentation"},
-        ".rtf": {"text/rtf", "application/rtf"},
-        ".txt": {"text/plain"}, ".csv": {"text/csv", "text/plain"},
-        ".json": {"application/json", "text/plain"}, ".xml": {"text/xml", "application/xml"},
-        ".html": {"text/html"}, ".htm": {"text/html"},
-        ".zip": {ZIP}, ".gz": {"application/gzip"}, ".tgz": {"application/gzip"},
-        ".tar": {"application/x-tar"}, ".7z": {"application/x-7z-compressed"},
-        ".rar": {"application/vnd.rar"}, ".bz2": {"application/x-bzip2"},
-        ".xz": {"application/x-xz"},
-        ".mp3": {"audio/mpeg"}, ".ogg": {"audio/ogg"}, ".oga": {"audio/ogg"},
-        ".opus": {"audio/ogg"}, ".wav": {"audio/wav"}, ".m4a": {"audio/mp4", "video/mp4"},
-        ".aac": {"audio/aac"}, ".amr": {"audio/amr"}, ".flac": {"audio/flac"},
-        ".mp4": {"video/mp4"}, ".m4v": {"video/mp4", "video/x-m4v"}, ".mov": {"video/quicktime"},
-        ".webm": {"video/webm"}, ".3gp": {"video/3gpp"}, ".avi": {"video/x-msvideo"},
-        ".mkv": {"video/x-matroska"},
-        ".exe": {"application/vnd.microsoft.portable-executable"},
-        ".dll": {"application/vnd.microsoft.portable-executable"},
-        ".msi": {"application/x-msi", "application/x-ole-storage", "application/cdfv2"},
-        ".sh": {"text/x-shellscript"}, ".bat": {"text/x-msdos-batch"},
-        ".jar": {"application/java-archive"}, ".elf": {"application/x-executable"},
-        ".so": {"application/x-sharedlib"},
-    }.items()
-})
+EXTENSIONS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        ext: frozenset(types)
+        for ext, types in {
+            ".png": {"image/png"},
+            ".jpg": {"image/jpeg"},
+            ".jpeg": {"image/jpeg"},
+            ".jpe": {"image/jpeg"},
+            ".jfif": {"image/jpeg"},
+            ".gif": {"image/gif"},
+            ".webp": {"image/webp"},
+            ".bmp": {"image/bmp", "image/x-ms-bmp"},
+            ".tif": {"image/tiff"},
+            ".tiff": {"image/tiff"},
+            ".heic": {"image/heic"},
+            ".heif": {"image/heif"},
+            ".svg": {"image/svg+xml", "image/svg"},
+            ".ico": {"image/vnd.microsoft.icon"},
+            ".pdf": {"application/pdf"},
+            ".doc": {"application/msword", "application/cdfv2", "application/x-ole-storage"},
+            ".docx": {DOCX},
+            ".xlsx": {XLSX},
+            ".pptx": {PPTX},
+            ".xls": {"application/vnd.ms-excel", "application/cdfv2", "application/x-ole-storage"},
+            ".ppt": {
+                "application/vnd.ms-powerpoint",
+                "application/cdfv2",
+                "application/x-ole-storage",
+            },
+            ".odt": {"application/vnd.oasis.opendocument.text"},
+            ".ods": {"application/vnd.oasis.opendocument.spreadsheet"},
+            ".odp": {"application/vnd.oasis.opendocument.presentation"},
+            ".rtf": {"text/rtf", "application/rtf"},
+            ".txt": {"text/plain"},
+            ".csv": {"text/csv", "text/plain"},
+            ".json": {"application/json", "text/plain"},
+            ".xml": {"text/xml", "application/xml"},
+            ".html": {"text/html"},
+            ".htm": {"text/html"},
+            ".zip": {ZIP},
+            ".gz": {"application/gzip"},
+            ".tgz": {"application/gzip"},
+            ".tar": {"application/x-tar"},
+            ".7z": {"application/x-7z-compressed"},
+            ".rar": {"application/vnd.rar"},
+            ".bz2": {"application/x-bzip2"},
+            ".xz": {"application/x-xz"},
+            ".mp3": {"audio/mpeg"},
+            ".ogg": {"audio/ogg"},
+            ".oga": {"audio/ogg"},
+            ".opus": {"audio/ogg"},
+            ".wav": {"audio/wav"},
+            ".m4a": {"audio/mp4", "video/mp4"},
+            ".aac": {"audio/aac"},
+            ".amr": {"audio/amr"},
+            ".flac": {"audio/flac"},
+            ".mp4": {"video/mp4"},
+            ".m4v": {"video/mp4", "video/x-m4v"},
+            ".mov": {"video/quicktime"},
+            ".webm": {"video/webm"},
+            ".3gp": {"video/3gpp"},
+            ".avi": {"video/x-msvideo"},
+            ".mkv": {"video/x-matroska"},
+            ".exe": {"application/vnd.microsoft.portable-executable"},
+            ".dll": {"application/vnd.microsoft.portable-executable"},
+            ".msi": {"application/x-msi", "application/x-ole-storage", "application/cdfv2"},
+            ".sh": {"text/x-shellscript"},
+            ".bat": {"text/x-msdos-batch"},
+            ".jar": {"application/java-archive"},
+            ".elf": {"application/x-executable"},
+            ".so": {"application/x-sharedlib"},
+        }.items()
+    }
+)
 """Which sniffed types each known extension stands for."""
 
 

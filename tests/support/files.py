@@ -51,8 +51,13 @@ def jpeg() -> bytes:
 def gif() -> bytes:
     """A 1x1 GIF89a with a two-colour palette."""
     return (
-        b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-        + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00" + b"\x3b"
+        b"GIF89a"
+        + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0)
+        + b"\x00\x00\x00\xff\xff\xff"
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+        + b"\x02\x02\x44\x01\x00"
+        + b"\x3b"
     )
 
 
@@ -73,8 +78,9 @@ def pdf() -> bytes:
     out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
     for offset in offsets:
         out.write(b"%010d 00000 n \n" % offset)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
-              % (len(objects) + 1, xref))
+    out.write(
+        b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    )
     return out.getvalue()
 
 
@@ -138,12 +144,8 @@ def mp4() -> bytes:
 
 def ogg() -> bytes:
     """One Ogg page (BOS) carrying a Vorbis identification header."""
-    ident = (
-        b"\x01vorbis" + struct.pack("<IBIiii", 0, 1, 44100, 0, 128000, 0) + b"\xb8\x01"
-    )
-    header = (
-        b"OggS\x00\x02" + struct.pack("<qIII", 0, 0x1234, 0, 0) + bytes([1, len(ident)])
-    )
+    ident = b"\x01vorbis" + struct.pack("<IBIiii", 0, 1, 44100, 0, 128000, 0) + b"\xb8\x01"
+    header = b"OggS\x00\x02" + struct.pack("<qIII", 0, 0x1234, 0, 0) + bytes([1, len(ident)])
     return header + ident  # libmagic does not check the page CRC
 
 
@@ -174,27 +176,57 @@ def pe() -> bytes:
     optional = bytearray(0xF0)
     struct.pack_into("<HBB", optional, 0, 0x20B, 14, 0)  # PE32+ magic
     struct.pack_into("<H", optional, 68, 3)  # subsystem: Windows console
-    section = b".text\x00\x00\x00" + struct.pack("<IIIIIIHHI", 0x10, 0x1000, 0x200, 0x200, 0, 0,
-                                                  0, 0, 0x60000020)
+    section = b".text\x00\x00\x00" + struct.pack(
+        "<IIIIIIHHI", 0x10, 0x1000, 0x200, 0x200, 0, 0, 0, 0, 0x60000020
+    )
     body = bytes(dos) + b"PE\x00\x00" + coff + bytes(optional) + section
     return body + b"\x00" * (0x400 - len(body))
 
 
 BUILDERS: dict[str, Callable[[], bytes]] = {
-    "png": png, "jpeg": jpeg, "gif": gif, "pdf": pdf, "docx": docx, "xlsx": xlsx,
-    "zip": zip_archive, "mp4": mp4, "ogg": ogg, "text": text, "empty": empty, "elf": elf, "pe": pe,
+    "png": png,
+    "jpeg": jpeg,
+    "gif": gif,
+    "pdf": pdf,
+    "docx": docx,
+    "xlsx": xlsx,
+    "zip": zip_archive,
+    "mp4": mp4,
+    "ogg": ogg,
+    "text": text,
+    "empty": empty,
+    "elf": elf,
+    "pe": pe,
 }
 FILENAMES = {
-    "png": "photo.png", "jpeg": "photo.jpg", "gif": "anim.gif", "pdf": "invoice.pdf",
-    "docx": "letter.docx", "xlsx": "sheet.xlsx", "zip": "bundle.zip", "mp4": "clip.mp4",
-    "ogg": "voice.ogg", "text": "notes.txt", "empty": "empty.txt", "elf": "tool",
+    "png": "photo.png",
+    "jpeg": "photo.jpg",
+    "gif": "anim.gif",
+    "pdf": "invoice.pdf",
+    "docx": "letter.docx",
+    "xlsx": "sheet.xlsx",
+    "zip": "bundle.zip",
+    "mp4": "clip.mp4",
+    "ogg": "voice.ogg",
+    "text": "notes.txt",
+    "empty": "empty.txt",
+    "elf": "tool",
     "pe": "setup.exe",
 }
 EXPECTED = {
-    "png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif", "pdf": "application/pdf",
-    "docx": OOXML_WORD, "xlsx": OOXML_SHEET, "zip": "application/zip", "mp4": "video/mp4",
-    "ogg": "audio/ogg", "text": "text/plain", "empty": "application/x-empty",
-    "elf": "application/x-executable", "pe": "application/vnd.microsoft.portable-executable",
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "pdf": "application/pdf",
+    "docx": OOXML_WORD,
+    "xlsx": OOXML_SHEET,
+    "zip": "application/zip",
+    "mp4": "video/mp4",
+    "ogg": "audio/ogg",
+    "text": "text/plain",
+    "empty": "application/x-empty",
+    "elf": "application/x-executable",
+    "pe": "application/vnd.microsoft.portable-executable",
 }
 
 
@@ -209,8 +241,10 @@ def make(kind: str, size: int | None = None) -> bytes:
     return data + filler * (size - len(data))
 
 
-def multipart(parts: list[tuple[str, str | None, str | None, bytes]],
-              boundary: str = "----gatewaytestboundary7MA4YWxkTrZu0gW") -> tuple[bytes, str]:
+def multipart(
+    parts: list[tuple[str, str | None, str | None, bytes]],
+    boundary: str = "----gatewaytestboundary7MA4YWxkTrZu0gW",
+) -> tuple[bytes, str]:
     """A ``multipart/form-data`` body from ``(field, filename, content_type, data)`` parts.
 
     Returns the body and its Content-Type header. ``filename=None`` makes an ordinary field.
@@ -269,13 +303,25 @@ channels:
 """
 
 
-def policy_yaml(spool_dir: str, *, mode: str = "enforce", cap: str = "20MB",
-                request: str = "50MB", max_files: int = 10,
-                memory_threshold: str = "1MiB") -> str:
+def policy_yaml(
+    spool_dir: str,
+    *,
+    mode: str = "enforce",
+    cap: str = "20MB",
+    request: str = "50MB",
+    max_files: int = 10,
+    memory_threshold: str = "1MiB",
+) -> str:
     """The policies file the policy/inspection tests share: SPEC §4's example plus test channels.
 
     ``small`` has tiny limits for boundary tests; ``tools`` is in report mode and names
     executables; ``10020`` (a numeric stream id) allows ``.exe``; ``closed`` allows nobody.
     """
-    return POLICY_YAML.format(spool_dir=spool_dir, mode=mode, cap=cap, request=request,
-                              max_files=max_files, memory_threshold=memory_threshold)
+    return POLICY_YAML.format(
+        spool_dir=spool_dir,
+        mode=mode,
+        cap=cap,
+        request=request,
+        max_files=max_files,
+        memory_threshold=memory_threshold,
+    )

@@ -47,8 +47,19 @@ class BackendProc:
 def start_backend(store: Path, port: int | None = None) -> BackendProc:
     port = port or free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.test_backend", "--port", str(port), "--store", str(store)],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "tests.support.test_backend",
+            "--port",
+            str(port),
+            "--store",
+            str(store),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     wait_for_port(port, proc=proc)
     return BackendProc(port, store, proc)
@@ -87,14 +98,23 @@ def base_config(redis_url: str, backend_url: str, spool_dir: Path) -> dict[str, 
         },
         "channels": {
             "default": {
-                "agents": {"enabled": True, "max_file_size": "20MB",
-                           "allowed_types": ["images", "documents", "application/zip"]},
-                "customers": {"enabled": True, "max_file_size": "10MB",
-                              "allowed_types": ["image/png", "image/jpeg", ".pdf"]},
+                "agents": {
+                    "enabled": True,
+                    "max_file_size": "20MB",
+                    "allowed_types": ["images", "documents", "application/zip"],
+                },
+                "customers": {
+                    "enabled": True,
+                    "max_file_size": "10MB",
+                    "allowed_types": ["image/png", "image/jpeg", ".pdf"],
+                },
             },
             "whatsapp": {
-                "agents": {"enabled": True, "max_file_size": "16MB",
-                           "allowed_types": ["image/*", "audio/ogg", "video/mp4", ".pdf"]},
+                "agents": {
+                    "enabled": True,
+                    "max_file_size": "16MB",
+                    "allowed_types": ["image/*", "audio/ogg", "video/mp4", ".pdf"],
+                },
                 "customers": {"enabled": False},
             },
         },
@@ -156,7 +176,10 @@ def start_gateway(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             gateway_command("serve", "--config", str(config_path), "--workers", str(workers)),
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     gw = GatewayProc(config, config_path, proc, log_path, full_env)
@@ -175,7 +198,12 @@ def cli(config_path: Path, *args: str, check: bool = True) -> subprocess.Complet
     env.pop("GATEWAY_CONFIG", None)
     return subprocess.run(
         gateway_command("--config", str(config_path), *args),
-        cwd=REPO, env=env, capture_output=True, text=True, check=check, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
     )
 
 

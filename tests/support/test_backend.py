@@ -1,4 +1,6 @@
-"""The sample backend plus behaviours the proxy tests need (``python -m tests.support.test_backend``).
+"""The sample backend plus behaviours the proxy tests need.
+
+Run as ``python -m tests.support.test_backend --port P --store DIR``.
 
 Every route records what it received (``GET /_sample/requests`` on the backend's own port), so a
 test can prove that a refused request sent the backend nothing.
