@@ -33,5 +33,8 @@ pytest: $(STAMP)
 bench: deps-bench $(STAMP)
 	$(BIN)/python -m bench.run
 
+soak: deps-run $(STAMP)
+	$(BIN)/python -m bench.soak
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

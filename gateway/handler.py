@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -103,20 +103,16 @@ async def _upload(
             state.spool_budget,
             state.metrics,
         )
+        async with upload:  # the spool is released on every way out
+            record.role = upload.role
+            record.sniffed_types = [f.sniffed_type for f in upload.files]
+            record.would_reject = upload.would_reject
+            return await _forward(
+                request, state, config, record, identity, upload.chunks(), upload.content_length
+            )
     finally:
         record.bytes_in = body.received
         state.metrics.inflight_uploads.dec()
-    try:
-        record.role = upload.role
-        record.sniffed_types = [f.sniffed_type for f in upload.files]
-        record.would_reject = upload.would_reject
-        state.metrics.inflight_uploads.inc()
-        return await _forward(
-            request, state, config, record, identity, upload.chunks(), upload.content_length
-        )
-    finally:
-        state.metrics.inflight_uploads.dec()
-        await upload.aclose()
 
 
 async def _forward(
@@ -156,7 +152,7 @@ class _CountedBody:
         self._body = body
         self.sent = 0
 
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._body:
             self.sent += len(chunk)
             yield chunk

@@ -95,6 +95,11 @@ class GatewayProtocol(RequestHandler):
         self._last_payload: StreamReader | None = None
         self._failed_body: StreamReader | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A request is being handled: its body may still be arriving (server drain waits)."""
+        return bool(self._request_in_progress)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()  # a connection that never sends a byte is closed too

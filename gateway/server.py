@@ -27,11 +27,13 @@ from gateway.accesslog import JsonFormatter
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.config import load_config
 from gateway.config.model import Config
-from gateway.protocol import GatewayRunner, ProtocolOptions
+from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
 
 LOGGER = logging.getLogger("upload_gateway")
+LINGERING_SECONDS = 2.0
+DRAIN_CANCEL_TIMEOUT = 1.0  # after the grace: how long cancelled handlers get to unwind
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
@@ -79,7 +81,10 @@ async def serve_worker(config_path: str, config: Config) -> None:
         max_line_size=config.server.max_line_size,
         max_field_size=config.server.max_header_size,
         keepalive_timeout=config.server.keepalive_timeout,
-        shutdown_timeout=config.server.shutdown_grace,
+        # After an early refusal, read (and drop) what the client is still sending for at most
+        # this long, so it sees the 413 instead of a reset; aiohttp's 10 s default held sockets.
+        lingering_time=LINGERING_SECONDS,
+        shutdown_timeout=DRAIN_CANCEL_TIMEOUT,
     )
     admin_runner = web.AppRunner(build_admin_app(state), handle_signals=False, access_log=None)
     await runner.setup()
@@ -101,16 +106,44 @@ async def serve_worker(config_path: str, config: Config) -> None:
     try:
         await stop.wait()
     finally:
-        await _drain(state, runner, admin_runner, watcher)
+        await _drain(state, runner, admin_runner, watcher, config.server.shutdown_grace)
 
 
 async def _drain(
-    state: GatewayState, runner: web.AppRunner, admin_runner: web.AppRunner, watcher: ConfigWatcher
+    state: GatewayState,
+    runner: web.AppRunner,
+    admin_runner: web.AppRunner,
+    watcher: ConfigWatcher,
+    grace: float,
 ) -> None:
+    """Stop accepting, let in-flight requests finish within ``grace``, then close the rest.
+
+    Not ``runner.cleanup()`` at once: aiohttp's graceful shutdown first marks every connection
+    closing, and a closing connection discards what the client sends next
+    (``RequestHandler.data_received`` returns early; aiohttp#2298), so an upload whose body was
+    still arriving could never complete. So: close the listening sockets, close connections
+    as soon as they are idle, wait while any request is in progress, and only then
+    ``cleanup()``, which cancels whatever overran the grace (an upload never forwarded).
+    """
     LOGGER.info("draining: no new connections, in-flight requests may finish")
     state.draining = True
     await watcher.close()
-    await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
+    for site in list(runner.sites):
+        await site.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    server = runner.server
+    while server is not None and loop.time() < deadline:
+        busy = False
+        for conn in list(server.connections):
+            if isinstance(conn, GatewayProtocol) and conn.busy:
+                busy = True
+            else:
+                conn.close()  # idle keep-alive: nothing in flight to wait for
+        if not busy:
+            break
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
     await admin_runner.cleanup()
 
 

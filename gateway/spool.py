@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import secrets
 import struct
@@ -33,6 +34,7 @@ from gateway.config.model import SpoolConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 
+LOGGER = logging.getLogger("upload_gateway.spool")
 RECORD_SIZE = 64 * 1024
 TAG_SIZE = 16
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
@@ -136,7 +138,10 @@ class Spool:
         except OSError as exc:
             if exc.errno in _NO_ROOM:
                 raise spool_full("no disk space to spool the upload") from None
-            raise
+            # Not writable (ENOTDIR, EACCES, EROFS...): an operator problem, but to the client
+            # it is the same fact: there is no room to hold the upload (SPEC §5: 507).
+            LOGGER.error("cannot create a spool file in %s: %s", self._config.dir, exc.strerror)
+            raise spool_full("the gateway cannot write its spool; try again shortly") from None
         self._file = aiofiles.threadpool.wrap(raw)
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
         for piece in self._memory:
