@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,14 @@ class RunResult:
     requests: int = 0
     rps: float = 0.0
     mib_per_s: float = 0.0  # upload bytes (whole multipart body) per second
-    rps_littles_law: float = 0.0  # conns / mean latency: a cross-check free of end-of-run cut-off
+    sink_mib_per_s: float = 0.0  # body bytes the backend received per second of the run
     body_bytes: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     redis_commands_per_request: float | None = None  # background PINGs (1/s/worker) left out
     load_avg_1m: float = 0.0  # the machine's load when the run started: other work on the box
     redis_commands: dict[str, int] = field(default_factory=dict)
+    start_rss_mib: dict[str, float] = field(default_factory=dict)  # pid -> VmRSS before
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # pid -> max VmRSS seen
     note: str = ""
 
@@ -130,25 +132,29 @@ def measure(
     duration: float,
     rep: int,
     redis_client: redis.Redis,
+    sink_port: int,
 ) -> RunResult:
     """One wrk run against ``peer`` with everything we want to know about it."""
     pids = peer.worker_pids()
+    start_rss = {str(pid): round((status_kib(pid, "VmRSS") or 0) / 1024, 1) for pid in pids}
     load1 = float(Path("/proc/loadavg").read_text().split()[0])
-    before = redis_calls(redis_client)
+    before, sink_before, began = redis_calls(redis_client), sink_totals(sink_port), time.monotonic()
     with RssSampler(pids) as rss:
         raw = wrk(peer.url, body, headers_file, conns, duration)
+    sink_after, elapsed = sink_totals(sink_port), time.monotonic() - began
     delta = calls_delta(before, redis_calls(redis_client))
     seconds = raw["duration_us"] / 1e6
     requests = int(raw["requests"])
     ok = requests - int(raw["errors"]["status"])
     result = RunResult(peer.name, body.label, conns, rep, round(seconds, 3), requests)
     result.body_bytes = body.size
+    result.start_rss_mib = start_rss
+    received = sink_after["bytes"] - sink_before["bytes"]
+    result.sink_mib_per_s = round(received / elapsed / 1048576, 1)
     result.rps = round(ok / seconds, 1)
     result.mib_per_s = round(ok * body.size / seconds / 1048576, 1)
     lat = raw["latency_us"]
     result.latency_ms = {k: round(float(v) / 1000, 3) for k, v in lat.items()}
-    if lat["mean"] and not raw["errors"]["status"]:
-        result.rps_littles_law = round(conns / (float(lat["mean"]) / 1e6), 1)
     result.errors = {k: int(v) for k, v in raw["errors"].items() if v}
     result.redis_commands = delta
     if requests:
@@ -161,6 +167,16 @@ def measure(
             f"only {ok} requests completed: quantisation error up to {conns / max(ok, 1):.0%}"
         )
     return result
+
+
+def sink_totals(port: int) -> dict[str, int]:
+    """Body bytes and requests the sink has received so far (bench/sink.py ``/_sink/stats``).
+
+    Unlike wrk's count of completed requests this also sees uploads still in flight when a run
+    ends, which matters when only a few dozen 20 MB uploads complete in a run."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sink/stats", timeout=10) as response:
+        totals: dict[str, int] = json.loads(response.read())
+    return totals
 
 
 def settle(seconds: float = 0.5) -> None:

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-CORE = (
+ORDER = (
     "gateway-w2",
     "gateway-w1",
     "gateway-pass-w2",
@@ -17,41 +17,58 @@ CORE = (
 )
 RSS_LIMIT_MIB = 150.0
 REFUSAL_P99_MS = 5.0
+Medians = dict[str, dict[str, dict[str, Any]]]
 
 
-def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """peer -> "size/conns" -> median rps, MiB/s, p99 latency over its repetitions."""
+def medians(runs: list[dict[str, Any]]) -> Medians:
+    """peer -> "size/cN" -> medians over the repetitions of that cell."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["peer"], f"{run['size']}/c{run['conns']}"), []).append(run)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+    out: Medians = {}
     for (peer, cell), group in groups.items():
+
+        def med(key: str, group: list[dict[str, Any]] = group) -> float:
+            return round(statistics.median(float(r[key]) for r in group), 1)
+
+        redis_calls = [r["redis_commands_per_request"] for r in group]
         out.setdefault(peer, {})[cell] = {
             "reps": len(group),
-            "rps": round(statistics.median(r["rps"] for r in group), 1),
-            "mib_per_s": round(statistics.median(r["mib_per_s"] for r in group), 1),
+            "rps": med("rps"),
+            "mib_per_s": med("mib_per_s"),
+            "sink_mib_per_s": med("sink_mib_per_s"),
             "p99_ms": round(statistics.median(r["latency_ms"].get("p99", 0) for r in group), 2),
-            "mib_per_s_littles_law": round(
-                statistics.median(r["rps_littles_law"] * r["body_bytes"] for r in group) / 1048576,
-                1,
-            ),
-            "load_avg_1m": round(statistics.median(r["load_avg_1m"] for r in group), 2),
             "rps_all": [r["rps"] for r in group],
             "errors": sum(sum(r["errors"].values()) for r in group),
-            "redis_per_request": _median_or_none(r["redis_commands_per_request"] for r in group),
-            "peak_rss_mib": max(
-                (max(r["peak_rss_mib"].values(), default=0) for r in group), default=0
+            "redis_per_request": (
+                round(statistics.median(c for c in redis_calls if c is not None), 3)
+                if any(c is not None for c in redis_calls)
+                else None
             ),
+            "peak_rss_mib": max(max(r["peak_rss_mib"].values(), default=0) for r in group),
+            "load_avg_1m": round(statistics.median(r["load_avg_1m"] for r in group), 2),
         }
     return out
 
 
-def _median_or_none(values: Any) -> float | None:
-    found = [v for v in values if v is not None]
-    return round(statistics.median(found), 3) if found else None
+def rss_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per peer: RSS per serving process before its first run, and the peak per body size, from
+    the first repetition only (it runs 10KB, 1MB, 20MB, 20MB/c64 in that order; later ones would
+    carry what 20MB/c64 left behind, as freed memory is only partly given back)."""
+    out: dict[str, dict[str, float]] = {}
+    for run in runs:
+        if run["rep"] != 0:
+            continue
+        row = out.setdefault(run["peer"], {})
+        if "before_first_run" not in row:
+            row["before_first_run"] = max(run["start_rss_mib"].values(), default=0.0)
+        key = "20MB/c64" if (run["size"], run["conns"]) == ("20MB", 64) else run["size"]
+        peak = max(run["peak_rss_mib"].values(), default=0.0)
+        row[key] = max(row.get(key, 0.0), peak)
+    return out
 
 
-def _get(med: dict[str, Any], peer: str, cell: str, key: str) -> float | None:
+def _get(med: Medians, peer: str, cell: str, key: str) -> float | None:
     value = med.get(peer, {}).get(cell, {}).get(key)
     return float(value) if value is not None else None
 
@@ -60,32 +77,39 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
-def targets(med: dict[str, Any], refusal: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(
+    med: Medians, refusal: list[dict[str, Any]], rss: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
     """Each target of issue 6 (and issue 4's inspection cost) with its figure and verdict."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, figure: float | None, goal: str, met: bool | None, detail: str) -> None:
+    def add(name: str, figure: float | None, goal: str, ok: bool, how: str) -> None:
         out.append(
             {
                 "target": name,
                 "figure": figure,
                 "goal": goal,
-                "met": None if figure is None else met,
-                "detail": detail,
+                "met": None if figure is None else ok,
+                "detail": how,
             }
         )
 
     for size in ("1MB", "20MB"):
+        cell = f"{size}/c16"
         r = _ratio(
-            _get(med, "gateway-w2", f"{size}/c16", "mib_per_s"),
-            _get(med, "nginx-buffered", f"{size}/c16", "mib_per_s"),
+            _get(med, "gateway-w2", cell, "mib_per_s"),
+            _get(med, "nginx-buffered", cell, "mib_per_s"),
+        )
+        sink = _ratio(
+            _get(med, "gateway-w2", cell, "sink_mib_per_s"),
+            _get(med, "nginx-buffered", cell, "sink_mib_per_s"),
         )
         add(
             f"{size} uploads, 16 conns: gateway-w2 / nginx-buffered throughput",
             r,
             ">= 1.0x",
             r is not None and r >= 1.0,
-            "median MiB/s ratio",
+            f"median MiB/s of completed uploads (bytes reaching the backend: {_x(sink)})",
         )
     for conns in (16, 64):
         r = _ratio(
@@ -99,23 +123,25 @@ def targets(med: dict[str, Any], refusal: list[dict[str, Any]]) -> list[dict[str
             r is not None and r >= 1.0,
             "median req/s ratio",
         )
-    rss = [_get(med, p, "20MB/c64", "peak_rss_mib") for p in ("gateway-w2", "gateway-w1")]
-    peak = max((v for v in rss if v), default=None)
+    peaks = [
+        rss[p]["20MB/c64"] for p in ("gateway-w2", "gateway-w1") if "20MB/c64" in rss.get(p, {})
+    ]
+    peak = max(peaks, default=None)
     add(
         "peak RSS per gateway process, 64 concurrent 20 MB uploads",
         peak,
         f"<= {RSS_LIMIT_MIB:g} MiB",
         peak is not None and peak <= RSS_LIMIT_MIB,
-        "max VmRSS sampled every 50 ms over gateway-w1 and each gateway-w2 worker",
+        "max VmRSS (sampled every 50 ms) of gateway-w1 and each gateway-w2 worker",
     )
     gw = [r for r in refusal if r["peer"].startswith("gateway")]
     worst = max((r["p99_ms"] for r in gw), default=None)
     add(
-        "25 MB upload with Content-Length refused (p99)",
+        "25 MB upload with Content-Length refused, p99",
         worst,
         f"< {REFUSAL_P99_MS:g} ms",
         worst is not None and worst < REFUSAL_P99_MS,
-        "worst p99 over the gateway peers; no body byte is ever sent",
+        "worst p99 over the gateway peers; the client never sends a body byte",
     )
     for conns in (16, 64):
         r = _ratio(
@@ -140,9 +166,34 @@ def targets(med: dict[str, Any], refusal: list[dict[str, Any]]) -> list[dict[str
             cost,
             "<= 25 %",
             cost is not None and cost <= 25,
-            "100 * (1 - gateway-w2 / gateway-pass-w2)",
+            "100 * (1 - gateway-w2 / gateway-pass-w2), in %",
         )
     return out
+
+
+def others(med: Medians) -> list[dict[str, Any]]:
+    """Figures asked for besides the targets: what the JSON access log costs."""
+    out = []
+    for cell in ("10KB/c16", "10KB/c64", "1MB/c16"):
+        key = "rps" if cell.startswith("10KB") else "mib_per_s"
+        r = _ratio(_get(med, "gateway-info-w2", cell, key), _get(med, "gateway-w2", cell, key))
+        cost = None if r is None else round(100 * (1 - r), 1)
+        out.append(
+            {
+                "figure": f"access log (log_level INFO) cost, {cell}",
+                "value": cost,
+                "detail": "100 * (1 - gateway-info-w2 / gateway-w2), in %",
+            }
+        )
+    return out
+
+
+def _peers(med: Medians) -> list[str]:
+    return [p for p in ORDER if p in med] + [p for p in med if p not in ORDER]
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _cell_text(m: dict[str, Any] | None, size: str) -> str:
@@ -154,129 +205,167 @@ def _cell_text(m: dict[str, Any] | None, size: str) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    med = result["medians"]
-    peers = [p for p in CORE if p in med] + [p for p in med if p not in CORE]
-    cells = result["cells"]
+    m = result["machine"]
     lines = [
         "# Benchmark: upload-gateway vs nginx peers",
         "",
         f"Produced by `{result['command']}` on {result['finished']} ({result['elapsed_s']:.0f} s).",
         "",
-        f"Machine: {result['machine']['cpu_model']}, nproc={result['machine']['nproc']}, "
-        f"{result['machine']['mem_gib']} GiB RAM, {result['machine']['kernel']}; "
-        f"{result['machine']['versions']}.",
+        f"Machine: {m['cpu_model']}, nproc={m['nproc']}, {m['mem_gib']} GiB RAM, kernel "
+        f"{m['kernel']}; {m['versions']}. Load average while runs started (median): "
+        f"{result['load_avg_median']}.",
         "",
-        "Everything (wrk, sink, Redis, the peer under test) shares those CPUs: the figures are "
-        "ratios between peers measured alternately in one run, not absolute capacities.",
+        "Everything (wrk, sink, Redis, the peer under test, and whatever else runs on the box) "
+        "shares those CPUs: read the figures as ratios between peers measured alternately in "
+        "one run, not as capacities.",
+    ]
+    lines += _throughput_md(result) + _latency_md(result) + _targets_md(result)
+    lines += _refusal_md(result) + _rss_md(result) + _redis_md(result) + _about_md(result)
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_md(result: dict[str, Any]) -> list[str]:
+    med, peers = result["medians"], _peers(result["medians"])
+    lines = [
         "",
         "## Throughput (median over repetitions)",
         "",
-        "10KB cells in requests/s, larger ones in MiB/s of upload body (and requests/s).",
+        "10KB cells in requests/s, larger ones in MiB/s of upload body (and requests/s), "
+        "counting completed 200 responses only.",
         "",
         "| body | conns | " + " | ".join(peers) + " | w2 / buffered | w2 / auth |",
         "|---|---:|" + "---:|" * len(peers) + "---:|---:|",
     ]
-    for cell in cells:
+    for cell in result["cells"]:
         size, conns = cell.split("/c")
-        row = [_cell_text(med.get(p, {}).get(cell), size) for p in peers]
         key = "rps" if size == "10KB" else "mib_per_s"
+        row = [_cell_text(med.get(p, {}).get(cell), size) for p in peers]
         rb = _ratio(_get(med, "gateway-w2", cell, key), _get(med, "nginx-buffered", cell, key))
         ra = _ratio(_get(med, "gateway-w2", cell, key), _get(med, "nginx-auth", cell, key))
         lines.append(f"| {size} | {conns} | " + " | ".join(row) + f" | {_x(rb)} | {_x(ra)} |")
     lines += [
         "",
-        "## Latency p99 (ms, median over repetitions)",
+        "### Bytes reaching the backend, MiB/s (median)",
+        "",
+        "Counted by the sink as they arrive, so uploads still in flight when a run ends count "
+        "too: the check on the large-body cells, where a run completes only a few dozen uploads.",
+        "",
+        "| body | conns | " + " | ".join(peers) + " | w2 / buffered |",
+        "|---|---:|" + "---:|" * len(peers) + "---:|",
+    ]
+    for cell in result["cells"]:
+        if cell.startswith("10KB"):
+            continue
+        size, conns = cell.split("/c")
+        values = [_get(med, p, cell, "sink_mib_per_s") for p in peers]
+        row = ["-" if v is None else f"{v:,.0f}" for v in values]
+        r = _ratio(
+            _get(med, "gateway-w2", cell, "sink_mib_per_s"),
+            _get(med, "nginx-buffered", cell, "sink_mib_per_s"),
+        )
+        lines.append(f"| {size} | {conns} | " + " | ".join(row) + f" | {_x(r)} |")
+    return lines
+
+
+def _latency_md(result: dict[str, Any]) -> list[str]:
+    med, peers = result["medians"], _peers(result["medians"])
+    lines = [
+        "",
+        "## Latency p99, ms (median over repetitions)",
         "",
         "| body | conns | " + " | ".join(peers) + " |",
         "|---|---:|" + "---:|" * len(peers),
     ]
-    for cell in cells:
+    for cell in result["cells"]:
         size, conns = cell.split("/c")
-        row = [f"{v:g}" if (v := _get(med, p, cell, "p99_ms")) is not None else "-" for p in peers]
+        row = ["-" if (v := _get(med, p, cell, "p99_ms")) is None else f"{v:g}" for p in peers]
         lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
-    lines += _targets_md(result["targets"]) + _extras_md(result, peers)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
+def _targets_md(result: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "## Targets (issue 6, and issue 4's inspection cost)",
         "",
-        "| target | figure | goal | verdict |",
-        "|---|---:|---|---|",
+        "| target | figure | goal | verdict | how |",
+        "|---|---:|---|---|---|",
     ]
-    for t in rows:
+    for t in result["targets"]:
         verdict = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
         fig = "-" if t["figure"] is None else f"{t['figure']:g}"
         lines.append(f"| {t['target']} | {fig} | {t['goal']} | {verdict} | {t['detail']} |")
+    lines += ["", "Other figures:", ""]
+    for o in result["other_figures"]:
+        value = "-" if o["value"] is None else f"{o['value']:g} %"
+        lines.append(f"- {o['figure']}: {value} ({o['detail']})")
     return lines
 
 
-def _littles_md(result: dict[str, Any], peers: list[str]) -> list[str]:
-    """Large bodies: wrk counts only completed requests, so a run cut off with 16-64 uploads
-    of 20 MB in flight under-counts; conns / mean latency (Little's law) does not."""
-    med = result["medians"]
-    cells = [c for c in result["cells"] if not c.startswith("10KB")]
-    lines = [
-        "",
-        "## MiB/s by Little's law (connections / mean latency), cross-check for large bodies",
-        "",
-        "| body | conns | " + " | ".join(peers) + " | w2 / buffered | load avg |",
-        "|---|---:|" + "---:|" * len(peers) + "---:|---:|",
-    ]
-    for cell in cells:
-        size, conns = cell.split("/c")
-        values = [_get(med, p, cell, "mib_per_s_littles_law") for p in peers]
-        row = ["-" if v is None else f"{v:,.0f}" for v in values]
-        ratio = _ratio(
-            _get(med, "gateway-w2", cell, "mib_per_s_littles_law"),
-            _get(med, "nginx-buffered", cell, "mib_per_s_littles_law"),
-        )
-        loads = [_get(med, p, cell, "load_avg_1m") for p in peers]
-        load = max((v for v in loads if v is not None), default=0.0)
-        lines.append(f"| {size} | {conns} | " + " | ".join(row) + f" | {_x(ratio)} | {load:g} |")
-    return lines
-
-
-def _extras_md(result: dict[str, Any], peers: list[str]) -> list[str]:
+def _refusal_md(result: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "## Refusing a 25 MB upload announced by Content-Length (no body sent)",
         "",
-        "| peer | requests | statuses | p50 ms | p99 ms | max ms |",
+        "| peer | probes | statuses | p50 ms | p99 ms | max ms |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for r in result["refusal"]:
+        statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
         lines.append(
-            f"| {r['peer']} | {r['requests']} | {r['statuses']} | {r['p50_ms']} | "
+            f"| {r['peer']} | {r['requests']} | {statuses} | {r['p50_ms']} | "
             f"{r['p99_ms']} | {r['max_ms']} |"
         )
-    med = result["medians"]
-    lines += _littles_md(result, peers)
-    lines += [
+    return lines
+
+
+def _rss_md(result: dict[str, Any]) -> list[str]:
+    cols = ["before_first_run", "10KB", "1MB", "20MB", "20MB/c64"]
+    lines = [
         "",
-        "## Redis commands per request, peak RSS per process",
+        "## Peak RSS per serving process, MiB",
         "",
-        "Redis: INFO commandstats delta over the run / requests, without the PINGs each gateway "
-        "worker's revocation listener sends once a second (a pipeline of N commands is one "
-        "round trip). RSS: max VmRSS, sampled every 50 ms, of any serving process of the peer.",
+        "Max VmRSS, sampled every 50 ms, during the cells of the first repetition (which runs "
+        "them in the column order; '20MB' is c1 and c16). Freed memory is only partly given "
+        "back, so a column also carries what earlier cells left. 'before first run' follows "
+        "the preflight (one upload of each size) and the warm-up.",
         "",
-        "| body | conns | " + " | ".join(f"{p} redis / RSS MiB" for p in peers) + " |",
+        "| peer | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for peer in _peers(result["rss"]):
+        row = result["rss"][peer]
+        lines.append(
+            f"| {peer} | " + " | ".join(f"{row[c]:g}" if c in row else "-" for c in cols) + " |"
+        )
+    return lines
+
+
+def _redis_md(result: dict[str, Any]) -> list[str]:
+    med, peers = result["medians"], _peers(result["medians"])
+    lines = [
+        "",
+        "## Redis commands per request (median)",
+        "",
+        "INFO commandstats delta over the run / requests, without the PINGs each gateway "
+        "worker's revocation listener sends once a second. A pipeline of N commands is one "
+        "round trip (the gateway's key lookup is ZSCORE+HGETALL in one pipeline).",
+        "",
+        "| body | conns | " + " | ".join(peers) + " |",
         "|---|---:|" + "---:|" * len(peers),
     ]
     for cell in result["cells"]:
         size, conns = cell.split("/c")
-        row = []
-        for p in peers:
-            m = med.get(p, {}).get(cell)
-            row.append("-" if not m else f"{m['redis_per_request']} / {m['peak_rss_mib']:g}")
+        row = [
+            "-" if (v := _get(med, p, cell, "redis_per_request")) is None else f"{v:g}"
+            for p in peers
+        ]
         lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
-    lines += ["", "## Peers", ""]
+    return lines
+
+
+def _about_md(result: dict[str, Any]) -> list[str]:
+    lines = ["", "## Peers", ""]
     lines += [f"- **{name}**: {desc}" for name, desc in result["peers"].items()]
     if result.get("skipped"):
         lines += ["", "Skipped peers:"] + [f"- {p}: {why}" for p, why in result["skipped"].items()]
@@ -284,13 +373,29 @@ def _extras_md(result: dict[str, Any], peers: list[str]) -> list[str]:
     if result.get("profiles"):
         lines += [
             "",
-            "Profiles (py-spy, top self-time frames) are summarised in "
-            "`bench/NOTES.md`; the raw summaries are in `results.json` under `profiles`.",
+            "Profiles: py-spy summaries in `results.json` under `profiles`; where the "
+            "time goes is discussed in `bench/NOTES.md`.",
         ]
     return lines
 
 
 def write(result: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "results.md").write_text(render_markdown(result))
+
+
+def rerender(path: Path) -> None:
+    """Recompute medians, RSS and targets from the raw runs of a results.json, rewrite both."""
+    result = json.loads(path.read_text())
+    result["medians"] = medians(result["runs"])
+    result["rss"] = rss_summary(result["runs"])
+    result["targets"] = targets(result["medians"], result["refusal"], result["rss"])
+    result["other_figures"] = others(result["medians"])
+    write(result, path.parent)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json"))

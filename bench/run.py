@@ -14,6 +14,7 @@ profiles of a single gateway worker. Every process is stopped at the end, also o
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import signal
@@ -32,7 +33,7 @@ from bench.payloads import CONTENT_TYPE, Body, write_bodies
 from bench.stack import BENCH, Stack
 
 CORE_PEERS = ("gateway-w2", "nginx-buffered", "nginx-auth", "gateway-w1")
-DURATIONS = {"10KB": 4.0, "1MB": 5.0, "20MB": 10.0}
+DURATIONS = {"10KB": 3.0, "1MB": 5.0, "20MB": 8.0}
 BIG_CELL_SECONDS = 20.0  # 20MB/c64
 
 
@@ -89,10 +90,7 @@ def machine() -> dict[str, Any]:
         "redis": _version(["redis-server", "--version"]).split(" sha")[0],
         "python": platform.python_version(),
     }
-    import aiohttp
-    import uvloop
-
-    tools.update(aiohttp=aiohttp.__version__, uvloop=uvloop.__version__)
+    tools.update({name: importlib.metadata.version(name) for name in ("aiohttp", "uvloop")})
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
@@ -145,70 +143,50 @@ def check_peers(
                 break
 
 
-def run_matrix(
-    cells: list[Cell],
-    started: dict[str, peers.Peer],
-    bodies: dict[str, Body],
-    headers_file: Path,
-    rdb: redis.Redis,
-) -> list[dict[str, Any]]:
+def run_matrix(cells: list[Cell], ready: Prepared) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     total = sum(len(c.peers) * c.reps for c in cells)
     for rep in range(max(c.reps for c in cells)):
         for index, cell in enumerate(cells):
             if rep >= cell.reps:
                 continue
-            order = [p for p in cell.peers if p in started]
+            order = [p for p in cell.peers if p in ready.started]
             shift = (rep + index) % max(len(order), 1)
             for name in order[shift:] + order[:shift]:
-                result = load.measure(
-                    started[name],
-                    bodies[cell.size],
-                    headers_file,
-                    cell.conns,
-                    cell.duration,
-                    rep,
-                    rdb,
+                result = ready.measure(
+                    ready.started[name], cell.size, cell.conns, cell.duration, rep
                 )
                 runs.append(result.as_dict())
                 print(
                     f"[{len(runs)}/{total}] rep {rep} {cell.key:10} {name:16} "
                     f"{result.rps:10,.1f} r/s {result.mib_per_s:9,.1f} MiB/s "
+                    f"(sink {result.sink_mib_per_s:9,.1f}) "
                     f"p99 {result.latency_ms.get('p99', 0):8.1f} ms "
                     f"{result.errors or ''} {result.note}",
                     flush=True,
                 )
-                load.settle()
+                load.settle(2.0 if cell.size == "20MB" else 0.5)
     return runs
 
 
-def run_profiles(
-    started: dict[str, peers.Peer],
-    bodies: dict[str, Body],
-    headers_file: Path,
-    rdb: redis.Redis,
-    work: Path,
-    seconds: float,
-) -> dict[str, Any]:
-    peer = started.get("gateway-w1")
+def run_profiles(ready: Prepared, name: str, seconds: float) -> dict[str, Any]:
+    """py-spy on one serving process of ``name`` under 1MB/c16 and 10KB/c64 load."""
+    peer = ready.started.get(name)
     if peer is None or profiling.py_spy() is None:
         return {}
+    pid = peer.worker_pids()[0]
     out = {}
     for size, conns in (("1MB", 16), ("10KB", 64)):
-        raw = work / f"profile-{size}-c{conns}.txt"
+        raw = ready.work / f"profile-{name}-{size}-c{conns}.txt"
 
         def wrk_run(size: str = size, conns: int = conns) -> dict[str, Any]:
-            return load.measure(
-                peer, bodies[size], headers_file, conns, seconds + 1, 0, rdb
-            ).as_dict()
+            return ready.measure(peer, size, conns, seconds + 1, 0).as_dict()
 
-        summary = profiling.profile_during(peer.proc.popen.pid, seconds, raw, wrk_run)
-        summary["expected_samples"] = int(seconds * 200)
-        out[f"gateway-w1 {size}/c{conns}"] = summary
-        (work / f"profile-{size}-c{conns}.md").write_text(
-            profiling.render(f"gateway-w1 {size}/c{conns}", summary)
-        )
-        print(f"profiled gateway-w1 {size}/c{conns}: {summary['samples']} samples", flush=True)
+        label = f"{name} {size}/c{conns}"
+        summary = profiling.profile_during(pid, seconds, raw, wrk_run)
+        out[label] = summary
+        raw.with_suffix(".md").write_text(profiling.render(label, summary))
+        print(f"profiled {label}: {summary['samples']} samples", flush=True)
     return out
 
 
@@ -223,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="10KB,1MB,20MB")
     parser.add_argument("--conns", default="1,16,64")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--profile-only", action="store_true", help="only py-spy gateway-w1")
+    parser.add_argument("--profile-only", action="store_true", help="only the py-spy profiles")
+    parser.add_argument("--profile-peer", default="gateway-w1", help="gateway variant to profile")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--refusals", type=int, default=300, help="probes per peer")
     parser.add_argument(
@@ -246,11 +225,29 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 @dataclass
 class Prepared:
+    """Everything a measured run needs, once the processes are up."""
+
+    work: Path
     started: dict[str, peers.Peer]
     rdb: redis.Redis
     bodies: dict[str, Body]
     secret: str
     headers_file: Path
+    sink_port: int
+
+    def measure(
+        self, peer: peers.Peer, size: str, conns: int, duration: float, rep: int
+    ) -> load.RunResult:
+        return load.measure(
+            peer,
+            self.bodies[size],
+            self.headers_file,
+            conns,
+            duration,
+            rep,
+            self.rdb,
+            self.sink_port,
+        )
 
 
 def prepare(stack: Stack, names: list[str], skipped: dict[str, str]) -> Prepared:
@@ -268,55 +265,55 @@ def prepare(stack: Stack, names: list[str], skipped: dict[str, str]) -> Prepared
     headers_file = stack.work / "headers.txt"
     headers_file.write_text(f"Content-Type: {CONTENT_TYPE}\nAuthorization: Bearer {secret}\n")
     check_peers(started, bodies, secret, skipped)
-    return Prepared(started, rdb, bodies, secret, headers_file)
+    return Prepared(stack.work, started, rdb, bodies, secret, headers_file, stack.sink_port)
 
 
 def benchmark(args: argparse.Namespace, stack: Stack, began: float) -> None:
     skipped: dict[str, str] = {}
     ready = prepare(stack, args.peers, skipped)
-    started = ready.started
-    cells = plan(args, set(started))
+    cells = plan(args, set(ready.started))
     minutes = sum(len(c.peers) * c.reps * (c.duration + 1.2) for c in cells) / 60
     print(
         f"running {sum(len(c.peers) * c.reps for c in cells)} runs, about {minutes:.0f} min "
         "(+ warm-up, refusals, profiles)",
         flush=True,
     )
-    for peer in started.values():  # warm-up, not recorded
+    for peer in ready.started.values():  # warm-up, not recorded
         load.wrk(peer.url, ready.bodies["10KB"], ready.headers_file, 16, 1.0)
-    runs = run_matrix(cells, started, ready.bodies, ready.headers_file, ready.rdb)
+    runs = run_matrix(cells, ready)
     refusal = [  # the pass-through variant has no upload route: nothing to refuse
         probes.refusal_latency(p, ready.secret, args.refusals)
-        for name, p in started.items()
+        for name, p in ready.started.items()
         if name != "gateway-pass-w2"
     ]
     profiles = {}
     if not args.no_profile:
-        profiles = run_profiles(
-            started, ready.bodies, ready.headers_file, ready.rdb, stack.work, args.profile_seconds
-        )
-    result = _result(args, began, cells, started, skipped, runs, refusal, profiles)
+        profiles = run_profiles(ready, args.profile_peer, args.profile_seconds)
+    result = _result(args, began, cells, ready.started, skipped, runs, refusal, profiles)
     report.write(result, args.out)
     print(f"wrote {args.out / 'results.md'} and results.json", flush=True)
 
 
 def profile_only(args: argparse.Namespace, stack: Stack) -> None:
-    """Just the py-spy profiles of gateway-w1 (to iterate on a hot spot quickly)."""
+    """Just the py-spy profiles (to iterate on a hot spot quickly)."""
     skipped: dict[str, str] = {}
-    ready = prepare(stack, ["gateway-w1"], skipped)
+    ready = prepare(stack, [args.profile_peer], skipped)
     if skipped:
-        raise SystemExit(f"gateway-w1 unusable: {skipped}")
-    load.wrk(ready.started["gateway-w1"].url, ready.bodies["10KB"], ready.headers_file, 16, 1.0)
-    profiles = run_profiles(
-        ready.started, ready.bodies, ready.headers_file, ready.rdb, stack.work, args.profile_seconds
+        raise SystemExit(f"{args.profile_peer} unusable: {skipped}")
+    load.wrk(
+        ready.started[args.profile_peer].url, ready.bodies["10KB"], ready.headers_file, 16, 1.0
     )
-    for name, summary in profiles.items():
+    for name, summary in run_profiles(ready, args.profile_peer, args.profile_seconds).items():
         print(profiling.render(name, summary))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (
+        signal.SIGTERM,
+        signal.SIGINT,
+    ):  # SIGINT too: it may be ignored when backgrounded
+        signal.signal(signum, _interrupt)
     began = time.monotonic()
     work = BENCH / "work"
     work.mkdir(exist_ok=True)
@@ -334,6 +331,30 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
 
 
+NOTES = [
+    "wrk -t2 (-t1 at 1 connection), keep-alive, --timeout 120s, bench/upload.lua: a multipart "
+    'body with a `data` part ({"IsManager": true}) and a `file` part holding a real PNG padded to '
+    "10,240 / 1,048,576 / 20,000,000 bytes, and an agent Secret (HS256, claim role=agent)",
+    "peers run alternately (rotating order per cell and repetition) and were all up during the "
+    "whole run; medians reported; non-2xx responses are not counted as throughput",
+    "every peer was checked first with one upload per size: 200, and the sink read every byte",
+    "sink: bench/sink.py, raw asyncio protocol on uvloop, 2 processes (SO_REUSEPORT)",
+    "nginx: 2 workers, access_log off, sendfile on (Debian's default), keepalive to the sink",
+    "auth service: bench/auth_service.py, aiohttp + PyJWT + one Redis ZSCORE per request, no "
+    "cache, 2 processes",
+    "gateway: the test suite's config shape (tests/support/gateway_proc.py) with "
+    "spool.memory_threshold 1MiB (1 MB and 20 MB bodies go to an AES-256-GCM encrypted spool "
+    "file, 10 KB bodies stay in memory), auth.cache_ttl 5s, log_level WARNING (no access log) "
+    "except gateway-info-w2; gateway-pass-w2 has no upload route, so the same request is only "
+    "authenticated and streamed through",
+    "Redis: its own redis-server with a password (so no other program on the machine can add "
+    "commands to the counts)",
+    "refusal probe: a raw 25 MiB PNG body announced by Content-Length (a 25 MB multipart body may "
+    "hold two 12.5 MB files under max_request_size 50MB, so no peer may refuse that from the "
+    "headers), fresh connection per probe, time from sending the headers to the status line",
+]
+
+
 def _result(
     args: argparse.Namespace,
     began: float,
@@ -345,38 +366,25 @@ def _result(
     profiles: dict[str, Any],
 ) -> dict[str, Any]:
     med = report.medians(runs)
-    reps = sorted({c.reps for c in cells})
-    notes = [
-        f"repetitions per cell: {reps}; durations per run: "
-        + ", ".join(sorted({f"{c.key} {c.duration:g}s" for c in cells})),
-        "wrk -t2 (-t1 at 1 connection), keep-alive, bench/upload.lua: multipart body with a "
-        '`data` part ({"IsManager": true}) and a `file` part holding a real PNG padded to '
-        "10,240 / 1,048,576 / 20,000,000 bytes; agent Secret (HS256, claim role=agent)",
-        "peers run alternately (rotating order per cell and repetition), medians reported; "
-        "non-2xx responses are not counted as throughput",
-        "every peer was checked first with one upload per size: 200 and the sink read every byte",
-        "sink: bench/sink.py, raw asyncio protocol on uvloop, 2 processes (SO_REUSEPORT)",
-        "auth service: bench/auth_service.py, aiohttp + PyJWT + one Redis ZSCORE, 2 processes, "
-        "no cache",
-        "gateway spool.memory_threshold 1MiB: 1 MB and 20 MB bodies are spooled to an "
-        "AES-256-GCM encrypted file, 10 KB bodies stay in memory; log_level WARNING except "
-        "gateway-info-w2",
-        f"refusal probe: {args.refusals} fresh connections per peer, time from sending the "
-        "headers to the status line",
-    ]
+    rss = report.rss_summary(runs)
+    durations = ", ".join(f"{c.key} {c.duration:g}s x{c.reps}" for c in cells)
+    loads = [r["load_avg_1m"] for r in runs]
     return {
         "command": "make bench"
-        if sys.argv[1:] == []
+        if not sys.argv[1:]
         else "python -m bench.run " + " ".join(sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "elapsed_s": round(time.monotonic() - began, 1),
         "machine": machine(),
+        "load_avg_median": round(sorted(loads)[len(loads) // 2], 2) if loads else None,
         "peers": {name: p.description for name, p in started.items()},
         "skipped": skipped,
         "cells": [c.key for c in cells],
-        "notes": notes,
+        "notes": [f"cells (duration x repetitions): {durations}", *NOTES],
         "medians": med,
-        "targets": report.targets(med, refusal),
+        "rss": rss,
+        "targets": report.targets(med, refusal, rss),
+        "other_figures": report.others(med),
         "refusal": refusal,
         "profiles": profiles,
         "runs": runs,

@@ -6,7 +6,10 @@ are ever buffered. It speaks enough HTTP/1.1 for its two clients: ``Content-Leng
 bodies (nginx and aiohttp may send either), keep-alive, ``Expect: 100-continue``.
 
 Each response carries ``X-Sink-Body-Bytes`` (the body length it read) so the harness can check
-that a peer forwarded the whole upload. Run several processes on one port (SO_REUSEPORT):
+that a peer forwarded the whole upload. ``GET /_sink/stats`` answers the body bytes and requests
+received so far by all processes (shared memory): bytes per second measured at the backend do
+not depend on how many uploads happened to complete inside a run. Run several processes on one
+port (SO_REUSEPORT):
 
     python -m bench.sink --port 18081 --processes 2
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import json
 import multiprocessing
 import signal
 from typing import cast
@@ -22,6 +27,10 @@ from typing import cast
 _HEADERS, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS = range(5)
 _MAX_HEAD = 64 * 1024
 _PAYLOAD = b'{"ok":true}'
+_STATS_PATH = b"/_sink/stats"
+# [bytes, requests] per process, in memory shared by every process of the sink
+_STATS: ctypes.Array[ctypes.c_uint64] | None = None
+_SLOT = 0
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -34,6 +43,7 @@ class SinkProtocol(asyncio.Protocol):
         self._remaining = 0
         self._body_bytes = 0
         self._close_after = False
+        self._stats_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -49,6 +59,7 @@ class SinkProtocol(asyncio.Protocol):
                 self._remaining -= take
                 if self._state == _BODY:
                     self._body_bytes += take
+                    _count(take)
                     if not self._remaining:
                         self._respond()
                 elif not self._remaining:
@@ -65,7 +76,9 @@ class SinkProtocol(asyncio.Protocol):
         if i < 0:
             return self._keep(data, pos)
         lines = data[pos:i].split(b"\r\n")
-        version = lines[0].rsplit(b" ", 1)[-1]
+        request_line = lines[0].split(b" ")
+        version = request_line[-1]
+        self._stats_request = len(request_line) == 3 and request_line[1] == _STATS_PATH
         length, chunked, expect = 0, False, False
         self._close_after = version == b"HTTP/1.0"
         for line in lines[1:]:
@@ -104,6 +117,7 @@ class SinkProtocol(asyncio.Protocol):
         if size:
             self._state, self._remaining = _CHUNK_DATA, size + 2  # the data and its CRLF
             self._body_bytes += size
+            _count(size)
         else:
             self._state = _TRAILERS
         return i + 2
@@ -118,18 +132,36 @@ class SinkProtocol(asyncio.Protocol):
         self._state = _HEADERS
         if self._transport is None:
             return
+        payload = _PAYLOAD
+        if self._stats_request:
+            payload = json.dumps(totals()).encode()
+        elif _STATS is not None:
+            _STATS[2 * _SLOT + 1] += 1
         self._transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"X-Sink-Body-Bytes: %d\r\nContent-Length: %d\r\n%s\r\n%s"
             % (
                 self._body_bytes,
-                len(_PAYLOAD),
+                len(payload),
                 b"Connection: close\r\n" if self._close_after else b"",
-                _PAYLOAD,
+                payload,
             )
         )
         if self._close_after:
             self._transport.close()
+
+
+def _count(body_bytes: int) -> None:
+    """Bytes are counted as they arrive, so a run's byte rate includes unfinished uploads."""
+    if _STATS is not None:
+        _STATS[2 * _SLOT] += body_bytes
+
+
+def totals() -> dict[str, int]:
+    if _STATS is None:
+        return {"bytes": 0, "requests": 0}
+    values = list(_STATS)
+    return {"bytes": sum(values[0::2]), "requests": sum(values[1::2])}
 
 
 async def serve(host: str, port: int) -> None:
@@ -142,7 +174,9 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
 
 
-def _run(host: str, port: int) -> None:
+def _run(host: str, port: int, stats: ctypes.Array[ctypes.c_uint64], slot: int) -> None:
+    global _STATS, _SLOT
+    _STATS, _SLOT = stats, slot
     try:
         import uvloop
     except ImportError:
@@ -157,14 +191,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()
+    ctx = multiprocessing.get_context("fork")
+    stats = ctx.RawArray(ctypes.c_uint64, 2 * args.processes)
     procs = [
-        multiprocessing.get_context("fork").Process(target=_run, args=(args.host, args.port))
-        for _ in range(args.processes - 1)
+        ctx.Process(target=_run, args=(args.host, args.port, stats, slot))
+        for slot in range(1, args.processes)
     ]
     for proc in procs:
         proc.start()
     try:
-        _run(args.host, args.port)
+        _run(args.host, args.port, stats, 0)
     finally:
         for proc in procs:
             proc.terminate()

@@ -95,6 +95,7 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     redis: RedisServer | None = None
     redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    sink_port: int = 0
 
     def __post_init__(self) -> None:
         self.work = self.work.resolve()  # nginx -p resolves relative paths against its prefix
@@ -152,7 +153,9 @@ class Stack:
             "--processes",
             str(processes),
         ]
-        return self.start("sink", argv, port)
+        proc = self.start("sink", argv, port)
+        self.sink_port = port
+        return proc
 
     def start_auth_service(
         self, redis_url: str, key_prefix: str, signing_key: str, processes: int = 2

@@ -16,6 +16,9 @@ from aiohttp import StreamReader
 from gateway.errors import GatewayError
 
 
+READ_CHUNK = 256 * 1024  # bounded: readany() would join everything buffered into one chunk
+
+
 class BodyStream:
     """Iterate once; ``received`` counts bytes read so far, ``error`` is why it stopped early."""
 
@@ -32,7 +35,7 @@ class BodyStream:
         """The next chunk, ``b""`` at the end; raises 408 when the client stalls."""
         try:
             async with asyncio.timeout(self._idle_timeout):
-                chunk = await self._content.readany()
+                chunk = await self._content.read(READ_CHUNK)
         except TimeoutError as exc:
             self.error = GatewayError(
                 "body_timeout",

@@ -94,17 +94,19 @@ def _retry() -> Retry:
 
 
 def _connection_options(config: RedisConfig, client_name: str) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "max_connections": config.pool_size,
         "timeout": config.timeout,
         "socket_timeout": config.timeout,
         "socket_connect_timeout": config.timeout,
-        "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "retry": _retry(),
         "client_name": client_name,
         "decode_responses": True,
     }
+    if not config.url.startswith("unix://"):  # a Unix socket has no TCP keepalive to set
+        options["socket_keepalive"] = True
+    return options
 
 
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):

@@ -179,3 +179,23 @@ def test_reprs_never_show_keys() -> None:
     verifier = SecretVerifier(config())
     assert HS_KEY.decode() not in repr(config())
     assert HS_KEY.decode() not in repr(verifier._keys)
+
+
+def test_a_remembered_secret_still_expires_on_time() -> None:
+    """Verified Secrets are remembered by their text; the memory must not outlive ``exp``."""
+    verifier = SecretVerifier(
+        AuthConfig(
+            algorithms=("HS256",),
+            keys=MappingProxyType({"default": SigningKey("default", secret=SecretValue(HS_KEY))}),
+            leeway=0,
+        )
+    )
+    token = jwt.encode(
+        {"client_secret": API_KEY, "exp": int(time.time()) + 1}, HS_KEY, algorithm="HS256"
+    )
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # the second use costs no JWT work
+    time.sleep(max(0.0, int(time.time()) + 1 - time.time()) + 1.05)
+    with pytest.raises(GatewayError) as info:
+        verifier.verify(token)
+    assert info.value.code == "expired_secret"

@@ -170,6 +170,22 @@ async def test_head_204_and_304_have_no_body(
                 assert await r.read() == b""
 
 
+async def test_a_backend_sending_a_body_after_head_cannot_desync_later_requests(
+    gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
+) -> None:
+    """Bytes a broken backend sends after a HEAD answer must never be read as the answer to
+    someone else's request: the HEAD's backend connection is never reused."""
+    async with session() as s:
+        for _ in range(3):
+            async with s.head(gateway.url + "/t/big/5000?broken=1", headers=auth) as r:
+                assert r.status in (200, 502)
+                assert await r.read() == b""
+            for _ in range(5):
+                async with s.get(gateway.url + "/t/status/200", headers=auth) as r:
+                    assert r.status == 200
+                    assert await r.text() == "status 200"
+
+
 async def test_repeated_response_headers_are_all_passed_back(
     gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -30,6 +31,7 @@ from gateway.errors import GatewayError
 
 DEFAULT_KID = "default"
 API_KEY_CLAIM = "client_secret"
+VERIFIED_CACHE_SIZE = 4096  # Secrets remembered as verified, per process
 FAMILIES: Mapping[str, tuple[str, ...]] = {
     "HS": ("HS256", "HS384", "HS512"),
     "RS": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
@@ -47,6 +49,12 @@ class VerifiedSecret:
     kid: str
     api_key: SecretValue = field(repr=False)
     claims: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class _Verified:
+    secret: VerifiedSecret
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class SecretVerifier:
 
     def __init__(self, config: AuthConfig) -> None:
         self._leeway = config.leeway
+        self._verified: dict[str, _Verified] = {}
         self._keys: dict[str, _VerificationKey] = {}
         for kid, signing_key in config.keys.items():
             family, key = key_family(signing_key)
@@ -89,7 +98,26 @@ class SecretVerifier:
                 self._keys[kid] = _VerificationKey(key, allowed)
 
     def verify(self, token: str) -> VerifiedSecret:
-        """The Secret's key and claims, or GatewayError 401 (invalid_secret/expired_secret)."""
+        """The Secret's key and claims, or GatewayError 401 (invalid_secret/expired_secret).
+
+        A client sends the same Secret all day, so a verified one is remembered by its exact
+        text: the same bytes under the same keys verify the same way, and of the time checks
+        only ``exp`` can turn a valid Secret invalid later, so that one is re-checked on every
+        use. Only successes are kept (a flood of forged tokens fills nothing), FIFO-bounded.
+        """
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() > known.expires + self._leeway:
+                del self._verified[token]
+                raise _invalid("the Secret has expired", "expired_secret")
+            return known.secret
+        secret = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = _Verified(secret, float(secret.claims["exp"]))
+        return secret
+
+    def _verify(self, token: str) -> VerifiedSecret:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -119,7 +147,9 @@ class SecretVerifier:
         api_key = claims.pop(API_KEY_CLAIM, None)
         if not isinstance(api_key, str) or not api_key:
             raise _invalid(f"the Secret lacks the {API_KEY_CLAIM!r} claim")
-        return VerifiedSecret(kid=kid, api_key=SecretValue(api_key.encode()), claims=claims)
+        return VerifiedSecret(
+            kid=kid, api_key=SecretValue(api_key.encode()), claims=MappingProxyType(claims)
+        )
 
 
 def signing_algorithm(family: str, algorithms: tuple[str, ...]) -> str:

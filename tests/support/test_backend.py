@@ -56,6 +56,10 @@ async def big(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse()
     response.content_length = size
     await response.prepare(request)
+    if request.method == "HEAD":
+        if "broken" not in request.query:
+            return response  # aiohttp would send the body after a HEAD answer if we wrote it
+        await asyncio.sleep(0.05)  # broken on purpose: a body, late, once the answer is read
     data = pattern(size)
     for i in range(0, size, 1 << 20):
         await response.write(data[i : i + (1 << 20)])
