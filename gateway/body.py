@@ -15,7 +15,6 @@ from aiohttp import StreamReader
 
 from gateway.errors import GatewayError
 
-
 READ_CHUNK = 256 * 1024  # bounded: readany() would join everything buffered into one chunk
 
 
