@@ -37,7 +37,7 @@ from gateway.metrics import Metrics
 
 LOGGER = logging.getLogger("upload_gateway.spool")
 RECORD_SIZE = 64 * 1024
-BATCH_RECORDS = 16  # records per disk write/read: 1 MiB, one thread trip
+BATCH_RECORDS = 4  # records per disk write/read: 256 KiB, one thread trip
 TAG_SIZE = 16
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _MADE_DIRS: set[str] = set()
@@ -147,9 +147,12 @@ class Spool:
             raise spool_full("the gateway cannot write its spool; try again shortly") from None
         self._file = aiofiles.threadpool.wrap(raw)
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
-        for piece in self._memory:
-            self._pending += piece
-        self._memory = []
+        # Hand what memory held to the file piece by piece, so this upload never holds its
+        # memory part, a joined copy and the ciphertext at once.
+        held, self._memory = self._memory[::-1], []
+        while held:
+            self._pending += held.pop()
+            await self._flush(final=False)
 
     async def _flush(self, final: bool) -> None:
         """Encrypt and write whole records once a batch is due; with ``final`` everything,
