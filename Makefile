@@ -32,6 +32,7 @@ pytest: $(STAMP)
 
 bench: deps-bench $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.auth_cost
 
 soak: deps-run $(STAMP)
 	$(BIN)/python -m bench.soak

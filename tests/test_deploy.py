@@ -176,10 +176,17 @@ def test_pod_runs_non_root_with_a_read_only_root() -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert container["resources"] == {
-        "requests": {"cpu": "500m", "memory": "256Mi"},
-        "limits": {"cpu": "2", "memory": "512Mi"},
+    resources = container["resources"]
+    mebi = {k: int(v["memory"].removesuffix("Mi")) for k, v in resources.items()}
+    assert mebi["requests"] <= mebi["limits"]
+    # Each worker may reach the 150 MiB ceiling at once: the limit must hold them all.
+    workers = int(container["args"][container["args"].index("--workers") + 1])
+    assert mebi["limits"] >= workers * 150 + 64, "memory limit below workers x 150 MiB + parent"
+    cpu = {
+        k: float(v["cpu"].removesuffix("m")) / (1000 if v["cpu"].endswith("m") else 1)
+        for k, v in resources.items()
     }
+    assert cpu["requests"] <= cpu["limits"] and cpu["limits"] >= workers
 
 
 def test_config_and_signing_key_come_from_the_configmap_and_secret() -> None:
