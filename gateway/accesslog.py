@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 LOGGER = logging.getLogger("upload_gateway.access")
@@ -44,10 +44,26 @@ class RequestRecord:
         self.duration_ms = round((time.monotonic() - self.started) * 1000, 3)
 
     def as_json(self) -> str:
-        data: dict[str, Any] = asdict(self)
-        data.pop("started")
-        data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return json.dumps({k: v for k, v in data.items() if v not in (None, [])})
+        # vars(), not dataclasses.asdict(): asdict deep-copies every field, and this runs for
+        # every request (the access log was 9-15 % of a worker's CPU on 10 KB uploads).
+        data: dict[str, Any] = {
+            k: v for k, v in vars(self).items() if v is not None and v != [] and k != "started"
+        }
+        data["ts"] = _timestamp()
+        return json.dumps(data)
+
+
+_last_second = -1
+_last_stamp = ""
+
+
+def _timestamp() -> str:
+    """The current UTC second, formatted once per second rather than once per line."""
+    global _last_second, _last_stamp
+    now = int(time.time())
+    if now != _last_second:
+        _last_second, _last_stamp = now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return _last_stamp
 
 
 def log_request(record: RequestRecord) -> None:
