@@ -344,3 +344,29 @@ async def test_custom_header_takes_a_bare_token(
     await refused(auth, {"Authorization": "Bearer " + token}, "missing_secret")
     assert auth.cache.get(digest(key_of(new))) is None  # never started: no subscription, no cache
     await redis.aclose()
+
+
+async def test_concurrent_misses_share_one_lookup(
+    make_auth: MakeAuth, admin: KeyStore, redis_server: RedisServer
+) -> None:
+    """A verdict expiring under load: 50 concurrent requests for one key, one round trip."""
+    auth = await make_auth(redis_server.url)
+    new = await admin.add("acme", math.inf)
+    headers = bearer(key_of(new))
+    await refused(auth, bearer("ugw_unknown"), "key_not_active")  # opens the pooled connection
+    before = await command_calls(admin.redis)
+    identities = await asyncio.gather(*(auth.authenticate(headers, IP) for _ in range(50)))
+    after = await command_calls(admin.redis)
+    assert {i.client_id for i in identities} == {"acme"}
+    assert delta(before, after, ("info", "ping")) == {"cmdstat_zscore": 1, "cmdstat_hgetall": 1}
+
+
+async def test_concurrent_misses_for_an_unknown_key_all_fail(
+    make_auth: MakeAuth, redis_server: RedisServer
+) -> None:
+    auth = await make_auth(redis_server.url)
+    results = await asyncio.gather(
+        *(auth.authenticate(bearer("ugw_never_issued"), IP) for _ in range(20)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, GatewayError) and r.code == "key_not_active" for r in results)

@@ -62,6 +62,7 @@ class Authenticator:
             redis, self.store.revocations, self.cache, on_error=lambda: self._redis_error("pubsub")
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._lookups: dict[str, asyncio.Future[KeyRecord]] = {}
 
     @property
     def subscribed(self) -> asyncio.Event:
@@ -123,6 +124,22 @@ class Authenticator:
             self.metrics.auth_cache.labels(result="hit" if cached else "miss").inc()
         if cached is not None:
             return cached
+        # Single flight: when a verdict expires under load, every concurrent request for that
+        # key would miss at once and each open its own Redis round trip (and connection).
+        # They share one lookup instead; shielded, so one caller going away cancels nothing.
+        lookup = self._lookups.get(digest_hex)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup(digest_hex))
+            self._lookups[digest_hex] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(digest_hex, done))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, digest_hex: str, done: asyncio.Future[KeyRecord]) -> None:
+        self._lookups.pop(digest_hex, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure nobody still awaited is not an asyncio error
+
+    async def _lookup(self, digest_hex: str) -> KeyRecord:
         generation = self.cache.generation
         try:
             record = await self.store.lookup(digest_hex)
