@@ -185,6 +185,7 @@ class _Inspection:
         self.request = ByteCounter(config.limits.max_request_size)
         self.reported: list[GatewayError] = []
         self.reasons: dict[int, str] = {}  # part index -> first refusal, for the verdicts
+        self._policies: dict[Role, rules.EffectivePolicy] = {}
         self.inspector: MultipartInspector | None = None
         self.raw: Part | None = None
         multipart = _is_multipart(headers)
@@ -210,7 +211,13 @@ class _Inspection:
         return [self.raw] if self.raw is not None else []
 
     def policy(self, role: Role) -> rules.EffectivePolicy:
-        return rules.effective_policy(self.config, self.target.channel, role)
+        # Asked for every chunk of every part; the answer cannot change within one upload.
+        known = self._policies.get(role)
+        if known is None:
+            known = self._policies[role] = rules.effective_policy(
+                self.config, self.target.channel, role
+            )
+        return known
 
     def handle(self, error: GatewayError | None, index: int = -1) -> None:
         """Raise ``error``, or, when ``mode: report`` waives it, log it and count the upload.
