@@ -69,6 +69,10 @@ _IDS = _RequestIds()
 os.register_at_fork(after_in_child=_IDS.reset)  # a forked child must not repeat the parent
 
 
+def new_request_id() -> str:
+    return _IDS.new()
+
+
 def request_id(headers: CIMultiDictProxy[str]) -> str:
     """The client's ``X-Request-Id`` when it is sane (so traces join up), else a fresh one."""
     given = headers.get("X-Request-Id", "")

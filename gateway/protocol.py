@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from gateway.accesslog import RequestRecord, log_request
 from gateway.errors import GatewayError, problem_body, problem_response
 from gateway.framing import check_framing
+from gateway.headers import new_request_id
 from gateway.metrics import Metrics
 
 LOGGER = logging.getLogger("upload_gateway")
@@ -213,7 +213,7 @@ class GatewayProtocol(RequestHandler):
         error = GatewayError(
             "header_timeout", f"the request head was not complete within {timeout:g} s"
         )
-        rid = uuid.uuid4().hex
+        rid = new_request_id()
         body = json.dumps(problem_body(error, rid)).encode()
         head = (
             f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
@@ -252,7 +252,7 @@ class GatewayProtocol(RequestHandler):
 
 def refuse(error: GatewayError, remote: str, metrics: Metrics) -> web.Response:
     """problem+json for a request refused before the handler; the connection is not reused."""
-    rid = uuid.uuid4().hex
+    rid = new_request_id()
     account(error, rid, remote, metrics)
     response = problem_response(error, rid)
     response.force_close()
