@@ -113,6 +113,5 @@ def problem_response(error: GatewayError, request_id: str) -> web.Response:
     )
     if error.status in (400, 408, 431):
         # The framing or timing of the stream can no longer be trusted: do not reuse it.
-        response.headers["Connection"] = "close"
-        response.force_close()
+        response.force_close()  # aiohttp then answers "Connection: close" and closes
     return response

@@ -28,15 +28,13 @@ from gateway.metrics import Metrics
 LOGGER = logging.getLogger("upload_gateway.forward")
 READ_CHUNK = 256 * 1024
 # Headers aiohttp's server computes itself for the response it writes.
-_RESPONSE_FRAMING = ("content-length", "transfer-encoding")
+_RESPONSE_FRAMING = ("content-length",)  # Transfer-Encoding is hop-by-hop already
 
 
 @dataclass
 class ForwardResult:
     """What the access log and metrics need to know about the exchange."""
 
-    status: int = 0
-    sent_bytes: int = 0
     backend_seconds: float = 0.0
 
 
@@ -149,7 +147,6 @@ class Forwarder:
             response.content_length = int(length)
         elif _has_body(request.method, backend.status):
             response.enable_chunked_encoding()
-        result.status = backend.status
         await response.prepare(request)
         try:
             async for chunk in backend.content.iter_chunked(READ_CHUNK):

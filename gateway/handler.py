@@ -201,7 +201,6 @@ def _refuse(
     if request.body_exists and not request.content.at_eof():
         # Unread body: draining up to 50 MB only to keep the connection is not worth it.
         response.force_close()
-        response.headers["Connection"] = "close"
     add_cors_headers(response, request, config.cors)
     state.metrics.rejections.labels(reason=error.code, channel=record.channel or "").inc()
     if record.bytes_in:

@@ -28,8 +28,6 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Recomputed for the next hop from the body we actually send.
-FRAMING = frozenset({"content-length", "transfer-encoding", "expect"})
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 

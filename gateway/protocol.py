@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -129,8 +129,6 @@ class GatewayProtocol(RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        if resp.headers.get(hdrs.CONNECTION, "").lower() == "close":
-            resp.force_close()  # aiohttp ignores a handler's own "Connection: close"
         result = await super().finish_response(request, resp, start_time)
         if resp.status == 408 or request.content is self._failed_body:
             # The client stalled, or its body framing broke: nothing more worth reading, so

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 import uuid
 from datetime import datetime
@@ -194,17 +195,14 @@ async def test_mint_rs256_with_private_key_file(
     )
     added = run_json(config_path, "keys", "add", "--client", "acme", "--ttl", "never")
     assert added["expires"] is None
-    secret = cli(
-        config_path,
-        "secret",
-        "mint",
-        "--api-key",
-        added["api_key"],
-        "--kid",
-        "platform-2025",
-        "--private-key-file",
-        str(key_file),
-    ).stdout.strip()
+
+    def mint_rs256(check: bool = True) -> subprocess.CompletedProcess[str]:
+        return cli(
+            config_path, "secret", "mint", "--api-key", added["api_key"],
+            "--kid", "platform-2025", "--private-key-file", str(key_file), check=check,
+        )  # fmt: skip
+
+    secret = mint_rs256().stdout.strip()
     auth = AuthConfig(
         algorithms=("HS256", "RS256"),
         keys=MappingProxyType(
@@ -220,16 +218,5 @@ async def test_mint_rs256_with_private_key_file(
             serialization.NoEncryption(),
         )
     )
-    mismatch = cli(
-        config_path,
-        "secret",
-        "mint",
-        "--api-key",
-        added["api_key"],
-        "--kid",
-        "platform-2025",
-        "--private-key-file",
-        str(key_file),
-        check=False,
-    )
+    mismatch = mint_rs256(check=False)
     assert mismatch.returncode == 1 and mismatch.stdout == ""

@@ -375,56 +375,31 @@ def test_a_client_vanishing_mid_upload_leaves_nothing_behind(
 # -- clients and browsers --------------------------------------------------------------------
 
 
+def curl_upload(gateway: GatewayProc, secret: str, path: Path) -> tuple[str, str]:
+    """``curl -F file=@path`` as a real client would; returns (body, HTTP status)."""
+    curl = shutil.which("curl")
+    assert curl, "curl is installed by make test"
+    out = subprocess.run(
+        [curl, "-sS", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {secret}",
+         "-F", f"file=@{path}", gateway.url + UPLOAD],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    body, code = out.stdout.rsplit("\n", 1)
+    return body, code
+
+
 def test_curl_as_a_real_client(
     gateway: GatewayProc, backend: BackendProc, secret: str, tmp_path: Path
 ) -> None:
-    curl = shutil.which("curl")
-    assert curl, "curl is installed by make test"
     photo = tmp_path / "photo.png"
     photo.write_bytes(make("png", 300_000))
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            f"Authorization: Bearer {secret}",
-            "-F",
-            f"file=@{photo}",
-            gateway.url + UPLOAD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    body, code = out.stdout.rsplit("\n", 1)
-    assert code == "200", out.stdout
+    body, code = curl_upload(gateway, secret, photo)
+    assert code == "200", body
     assert json.loads(body)["data"]["files"][0]["size"] == 300_000
     fake = tmp_path / "invoice.pdf"
     fake.write_bytes(make("elf"))
     backend.clear()
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            f"Authorization: Bearer {secret}",
-            "-F",
-            f"file=@{fake}",
-            gateway.url + UPLOAD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    body, code = out.stdout.rsplit("\n", 1)
+    body, code = curl_upload(gateway, secret, fake)
     assert code == "415" and json.loads(body)["code"] == "type_mismatch"
     assert backend.records() == []
 

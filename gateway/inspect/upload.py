@@ -304,17 +304,15 @@ class _Inspection:
         if part.ignored:
             return
         self._check_size(part)
-        facts = self._facts(part)
         if part.sniffed is None and (len(part.head) >= self.sniff_bytes or part.ended):
             part.sniffed = await self.sniffer.sniff_async(bytes(part.head))
-            facts = self._facts(part)
-            mismatch = rules.check_spoofing(facts)
+            mismatch = rules.check_spoofing(self._facts(part))
             if mismatch is not None:
                 mismatch.fields.update(channel=self.target.channel, role=self.role)
             self.handle(mismatch, part.index)
         if part.sniffed is not None and self.role is not None and not part.judged:
             part.judged = True
-            self.handle(rules.check_allowed(self.policy(self.role), facts), part.index)
+            self.handle(rules.check_allowed(self.policy(self.role), self._facts(part)), part.index)
 
     def _check_size(self, part: Part) -> None:
         """The file limit of the role; while the role is unknown, only what every role breaks."""
