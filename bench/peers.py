@@ -1,9 +1,11 @@
 """The peers under test: the gateway in its variants and the two nginx set-ups.
 
 Every gateway variant uses the test suite's config shape (``tests/support/gateway_proc.py``) with
-production values where they matter for speed: ``spool.memory_threshold`` 1 MiB as in
-``config/policies.yaml`` (so 1 MB and 20 MB uploads are spooled to an AES-GCM encrypted file),
-generous timeouts, and ``log_level: WARNING`` (no access log) except in the ``-info`` variant.
+production values where they matter for speed: the spool settings of ``config/policies.yaml``
+(``memory_threshold`` 2 MiB within a ``memory_budget`` of 32 MiB per worker, so a 1 MB upload
+stays in memory while the budget has room and every 20 MB upload goes to an AES-GCM encrypted
+file), generous timeouts, and ``log_level: WARNING`` (no access log) except in the ``-info``
+variant.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def gateway_config(
     config = base_config(redis_url, sink_url, spool)
     config["redis"]["key_prefix"] = KEY_PREFIX
     config["backend"].update({"connect_timeout": "5s", "read_timeout": "120s"})
-    config["spool"]["memory_threshold"] = "1MiB"
+    config["spool"].update(memory_threshold="2MiB", memory_budget="32MiB")
     config["server"] = {"body_timeout": "60s", "shutdown_grace": "5s"}
     config["log_level"] = variant.log_level
     if not variant.upload_routes:

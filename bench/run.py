@@ -343,8 +343,9 @@ NOTES = [
     "auth service: bench/auth_service.py, aiohttp + PyJWT + one Redis ZSCORE per request, no "
     "cache, 2 processes",
     "gateway: the test suite's config shape (tests/support/gateway_proc.py) with "
-    "spool.memory_threshold 1MiB (1 MB and 20 MB bodies go to an AES-256-GCM encrypted spool "
-    "file, 10 KB bodies stay in memory), auth.cache_ttl 5s, log_level WARNING (no access log) "
+    "spool.memory_threshold 2MiB and memory_budget 32MiB per worker (10 KB and 1 MB bodies stay "
+    "in memory while the budget has room; 20 MB bodies go to an AES-256-GCM encrypted spool "
+    "file), auth.cache_ttl 5s, log_level WARNING (no access log) "
     "except gateway-info-w2; gateway-pass-w2 has no upload route, so the same request is only "
     "authenticated and streamed through",
     "Redis: its own redis-server with a password (so no other program on the machine can add "

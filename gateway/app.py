@@ -36,7 +36,7 @@ def build_state(config: Config, metrics: Metrics | None = None) -> GatewayState:
         forwarder=Forwarder(config.backend, metrics),
         auth=Authenticator(config.auth, redis, config.redis.key_prefix, metrics),
         redis=redis,
-        spool_budget=SpoolBudget(config.spool.max_bytes),
+        spool_budget=SpoolBudget(config.spool.max_bytes, config.spool.memory_budget),
     )
 
 

@@ -15,7 +15,11 @@ from aiohttp import StreamReader
 
 from gateway.errors import GatewayError
 
-READ_CHUNK = 256 * 1024  # bounded: readany() would join everything buffered into one chunk
+# Bounded, and no larger than aiohttp's read buffer (64 KiB): read(n) raises the connection's
+# buffer to n (pausing only past 2n), and readany() joins everything buffered. 64 concurrent 20 MB
+# uploads into one worker peaked at 145 MiB RSS with 64 KiB reads, 163 with 256 KiB and 258 with
+# readany(); the larger reads were at most ~15 % faster on 20 MB bodies (make bench, quick runs).
+READ_CHUNK = 64 * 1024
 
 
 class BodyStream:

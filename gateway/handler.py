@@ -108,7 +108,7 @@ async def _upload(
             record.sniffed_types = [f.sniffed_type for f in upload.files]
             record.would_reject = upload.would_reject
             return await _forward(
-                request, state, config, record, identity, upload.chunks(), upload.content_length
+                request, state, config, record, identity, upload.body(), upload.content_length
             )
     finally:
         record.bytes_in = body.received
@@ -121,7 +121,7 @@ async def _forward(
     config: Config,
     record: RequestRecord,
     identity: Identity | None,
-    body: BodyStream | AsyncIterable[bytes] | None,
+    body: BodyStream | AsyncIterable[bytes] | bytes | None,
     content_length: int | None = None,
 ) -> web.StreamResponse:
     headers = _backend_headers(request, record.request_id, identity)
@@ -129,16 +129,22 @@ async def _forward(
         content_length = request.content_length
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
-    counted = _CountedBody(body) if body is not None else None
+    counted = _CountedBody(body) if body is not None and not isinstance(body, bytes) else None
     result = ForwardResult()
     try:
-        return await state.forwarder.forward(request, headers, counted, record.route, result)
+        response = await state.forwarder.forward(
+            request, headers, body if counted is None else counted, record.route, result
+        )
+        if isinstance(body, bytes):
+            record.bytes_out = len(body)  # handed to the connection whole
+        return response
     except GatewayError:
         if isinstance(body, BodyStream) and body.error is not None:
             raise body.error from None  # the client's fault, not the backend's
         raise
     finally:
-        record.bytes_out = counted.sent if counted is not None else 0
+        if counted is not None:
+            record.bytes_out = counted.sent
         if isinstance(body, BodyStream):
             record.bytes_in = body.received
         record.backend_ms = round(result.backend_seconds * 1000, 3)

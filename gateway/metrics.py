@@ -162,6 +162,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=reg,
         )
+        self.spool_spills = Counter(
+            p + "spool_spills_total",
+            "Uploads that went to an encrypted spool file, by why: announced (Content-Length "
+            "past memory_threshold), threshold (grew past it), budget (spool.memory_budget full).",
+            ["reason"],
+            registry=reg,
+        )
         self.config_reloads = Counter(
             p + "config_reloads_total",
             "Configuration reloads by result.",

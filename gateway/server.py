@@ -27,6 +27,7 @@ from gateway.accesslog import JsonFormatter
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.config import load_config
 from gateway.config.model import Config
+from gateway.malloc import limit_arenas
 from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
@@ -157,6 +158,7 @@ def run_worker(config_path: str, env: dict[str, str] | None = None) -> None:
 
 
 def _run(coro: Any) -> None:
+    limit_arenas()  # before the event loop and its thread pool exist
     try:
         import uvloop
     except ImportError:

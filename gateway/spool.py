@@ -48,15 +48,33 @@ def spool_full(detail: str) -> GatewayError:
 
 
 class SpoolBudget:
-    """Bytes spooled (memory and disk) by all in-flight uploads of this process.
+    """Bytes spooled by all in-flight uploads of this process, and how many of them in memory.
 
-    ``spool.max_bytes`` is therefore a per-process bound: with ``--workers N`` the disk may hold
-    up to N times it. Reserving past it answers 507 instead of filling the disk.
+    ``spool.max_bytes`` bounds everything spooled (memory and disk), per process: with
+    ``--workers N`` the disk may hold up to N times it. Reserving past it answers 507 instead of
+    filling the disk.
+
+    ``spool.memory_budget`` bounds the bodies held in memory, so a worker's memory does not grow
+    with the number of uploads in flight: an upload stays in memory only while it is within
+    ``memory_threshold`` *and* the process's in-memory total is within the budget; otherwise it
+    goes to its encrypted file. Under light load, bodies up to the threshold never touch the disk.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, memory_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.memory_bytes = max_bytes if memory_bytes is None else memory_bytes
         self.used = 0
+        self.in_memory = 0
+
+    def hold_in_memory(self, num_bytes: int) -> bool:
+        """Take ``num_bytes`` of the memory budget if it has room; False means: spill."""
+        if self.in_memory + num_bytes > self.memory_bytes:
+            return False
+        self.in_memory += num_bytes
+        return True
+
+    def release_memory(self, num_bytes: int) -> None:
+        self.in_memory = max(0, self.in_memory - num_bytes)
 
     def reserve(self, num_bytes: int) -> None:
         if self.used + num_bytes > self.max_bytes:
@@ -79,13 +97,22 @@ class Spool:
     """One upload's body. Write with :meth:`write`, then :meth:`seal`, read with :meth:`chunks`."""
 
     def __init__(
-        self, config: SpoolConfig, budget: SpoolBudget, metrics: Metrics | None = None
+        self,
+        config: SpoolConfig,
+        budget: SpoolBudget,
+        metrics: Metrics | None = None,
+        expected_size: int | None = None,
     ) -> None:
         self._config = config
         self._budget = budget
         self._metrics = metrics
+        # A body announced (Content-Length) past the threshold would spill anyway: it goes to
+        # its file from the first byte and leaves the memory budget to bodies that fit.
+        self._to_disk = expected_size is not None and expected_size > config.memory_threshold
         self._memory: list[bytes] = []
-        self._pending = bytearray()  # plaintext not yet a whole record
+        self._held = 0  # bytes of _memory counted in the budget's memory share
+        self._pending = bytearray()  # plaintext of the record being filled (< one record)
+        self._ready: list[bytes] = []  # encrypted records not yet written
         self._file: Any = None  # an aiofiles binary file, once spilled
         self._aead: AESGCM | None = None
         self._records = 0
@@ -115,13 +142,25 @@ class Spool:
         self.size += len(chunk)
         if self._metrics is not None:
             self._metrics.spool_bytes.inc(len(chunk))
-        if self._file is None and self.size <= self._config.memory_threshold:
-            self._memory.append(bytes(chunk))
-            return
         if self._file is None:
-            await self._spill()
-        self._pending += chunk
+            spill = self._spill_reason(len(chunk))
+            if spill is None:
+                self._held += len(chunk)
+                self._memory.append(bytes(chunk))
+                return
+            await self._spill(spill)
+        self._encrypt_records(chunk)
         await self._flush(final=False)
+
+    def _spill_reason(self, more: int) -> str | None:
+        """None when ``more`` bytes may join the body in memory (taking their budget share)."""
+        if self._to_disk:
+            return "announced"
+        if self.size > self._config.memory_threshold:
+            return "threshold"
+        if not self._budget.hold_in_memory(more):
+            return "budget"
+        return None
 
     async def seal(self) -> None:
         """The body is complete: write the last record (once)."""
@@ -131,7 +170,7 @@ class Spool:
         if self._file is not None:
             await self._flush(final=True)
 
-    async def _spill(self) -> None:
+    async def _spill(self, reason: str) -> None:
         """Create the unlinked, encrypted file and move what memory held into it."""
         path = os.path.join(self._config.dir, f".spool-{secrets.token_hex(16)}")
         try:
@@ -146,38 +185,62 @@ class Spool:
             LOGGER.error("cannot create a spool file in %s: %s", self._config.dir, exc.strerror)
             raise spool_full("the gateway cannot write its spool; try again shortly") from None
         self._file = aiofiles.threadpool.wrap(raw)
+        if self._metrics is not None:
+            self._metrics.spool_spills.labels(reason=reason).inc()
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
         # Hand what memory held to the file piece by piece, so this upload never holds its
         # memory part, a joined copy and the ciphertext at once.
         held, self._memory = self._memory[::-1], []
         while held:
-            self._pending += held.pop()
+            piece = held.pop()
+            self._encrypt_records(piece)
+            self._forget_memory(len(piece))
             await self._flush(final=False)
 
-    async def _flush(self, final: bool) -> None:
-        """Encrypt and write whole records once a batch is due; with ``final`` everything,
-        including the last (partial or empty) record.
+    def _forget_memory(self, num_bytes: int) -> None:
+        """Give back memory-budget share for bytes no longer held in ``_memory``."""
+        num_bytes = min(num_bytes, self._held)
+        self._held -= num_bytes
+        self._budget.release_memory(num_bytes)
+
+    def _encrypt_records(self, chunk: bytes) -> None:
+        """Encrypt every whole record of ``_pending`` + ``chunk`` that more bytes follow.
 
         All records but the last hold exactly :data:`RECORD_SIZE` bytes, so the reader knows
-        where each ends; the last may be shorter and is the only one flagged last. Records are
-        written :data:`BATCH_RECORDS` at a time: one trip to aiofiles' thread per batch rather
-        than per network chunk, and no copy of the plaintext but the one into ``_pending``.
+        where each ends; only :meth:`seal` may write the last one, so a record that ends exactly
+        where the bytes so far end stays pending. Whole records are encrypted straight from
+        ``chunk``: only the tail (less than a record) is copied, and nothing grows with the
+        size of the network chunks.
+        """
+        view = memoryview(chunk)
+        if self._pending:
+            room = RECORD_SIZE - len(self._pending)
+            self._pending += view[:room]
+            view = view[room:]
+            if not view:
+                return
+            self._ready.append(self._encrypt(memoryview(self._pending), last=False))
+            self._pending = bytearray()
+        whole = (len(view) - 1) // RECORD_SIZE
+        for i in range(whole):
+            self._ready.append(
+                self._encrypt(view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE], last=False)
+            )
+        self._pending = bytearray(view[whole * RECORD_SIZE :])
+
+    async def _flush(self, final: bool) -> None:
+        """Write the encrypted records once a batch is due; with ``final`` also the last one.
+
+        Records are written :data:`BATCH_RECORDS` at a time: one trip to aiofiles' thread per
+        batch rather than per record or network chunk.
         """
         assert self._file is not None
-        whole = len(self._pending) // RECORD_SIZE
-        if not final and whole < BATCH_RECORDS:
-            return
-        if not final and whole * RECORD_SIZE == len(self._pending):
-            whole -= 1  # keep a non-empty tail: only the final flush may write the last record
-        view = memoryview(self._pending)
-        out = [
-            self._encrypt(view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE], last=False)
-            for i in range(whole)
-        ]
         if final:
-            out.append(self._encrypt(view[whole * RECORD_SIZE :], last=True))
-        view.release()
-        del self._pending[: whole * RECORD_SIZE if not final else len(self._pending)]
+            self._ready.append(self._encrypt(memoryview(self._pending), last=True))
+            self._pending = bytearray()
+        elif len(self._ready) < BATCH_RECORDS:
+            return
+        out, self._ready = self._ready, []
         try:
             await self._file.writelines(out)  # one thread trip, no joined copy
             if final:
@@ -192,6 +255,20 @@ class Spool:
         record = self._aead.encrypt(_nonce(self._records), plain, _aad(self._records, last))
         self._records += 1
         return record
+
+    def in_memory(self) -> bytes | None:
+        """The whole body as one ``bytes`` when it never left memory, else None.
+
+        A body in memory goes to the backend in one write with its headers, not through an
+        async iterator chunk by chunk (for small uploads that machinery cost more than the
+        bytes). Joining copies at most ``memory_threshold`` bytes, once: the pieces are replaced
+        by the joined whole.
+        """
+        if self.closed or self._file is not None or not self.sealed:
+            return None
+        if len(self._memory) != 1:
+            self._memory = [b"".join(self._memory)]
+        return self._memory[0]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The exact bytes written, decrypted and authenticated record by record."""
@@ -224,10 +301,12 @@ class Spool:
             return
         self.closed = True
         self._budget.release(self.size)
+        self._forget_memory(self._held)
         if self._metrics is not None:
             self._metrics.spool_bytes.dec(self.size)
         self._memory = []
         self._pending = bytearray()
+        self._ready = []
         self._aead = None
         handle, self._file = self._file, None
         if handle is not None:

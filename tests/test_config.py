@@ -37,7 +37,7 @@ BASE = textwrap.dedent("""\
       algorithms: [HS256]
       keys: {default: {secret_env: GATEWAY_SIGNING_KEY}}
       leeway: 30s
-    spool: {dir: /tmp/ugw-spool, memory_threshold: 1MiB, max_bytes: 2GiB}
+    spool: {dir: /tmp/ugw-spool, memory_threshold: 1MiB, memory_budget: 24MiB, max_bytes: 2GiB}
     mode: enforce
     cors: {allowed_origins: ["https://chat.example.com"]}
     limits:
@@ -106,6 +106,7 @@ def test_base_config_loads_into_the_model() -> None:
     assert config.uploads.role.from_form is not None
     assert config.uploads.role.from_form.agent_when is True
     assert config.uploads.sniff_bytes == 8192
+    assert (config.spool.memory_threshold, config.spool.memory_budget) == (1 * MiB, 24 * MiB)
     whatsapp = config.channels["whatsapp"]
     assert whatsapp.agents == RolePolicy(True, 16 * MiB, ("image/*", "audio/ogg"))
     assert whatsapp.customers.enabled is False
@@ -117,6 +118,7 @@ def test_shipped_policies_yaml_is_valid_and_matches_spec() -> None:
     assert config.source == str(REPO / "config" / "policies.yaml")
     assert str(config.listen) == "0.0.0.0:8080" and str(config.admin_listen) == "127.0.0.1:9102"
     assert config.spool.dir == "var/spool"
+    assert (config.spool.memory_threshold, config.spool.memory_budget) == (2 * MiB, 32 * MiB)
     assert set(config.channels) == {"default", "whatsapp"}
     assert config.channels["default"].agents.allowed_types == (
         "images",

@@ -393,6 +393,33 @@ async def test_an_unwritable_spool_dir_is_507_spool_full_and_nothing_is_forwarde
         gw.stop()
 
 
+async def test_past_the_memory_budget_even_a_small_upload_goes_to_the_spool_file(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path
+) -> None:
+    """spool.memory_budget is obeyed end to end: with none, a 20 KB upload (well within
+    memory_threshold) needs the disk, so an unwritable spool refuses it, and a writable one
+    delivers it byte-identical and keeps nothing."""
+    (tmp_path / "not-a-dir").write_bytes(b"")
+    config = fault_config(fault_redis.url, backend.url, tmp_path / "not-a-dir" / "spool")
+    config["spool"]["memory_budget"] = "0"
+    gw = start_gateway(config, tmp_path)
+    try:
+        body, ctype = pdf_upload(20_000)
+        status, doc, headers = await upload(gw, agent, "/streams/nobudget/objects", body, ctype)
+        assert_problem(status, doc, headers, 507, "spool_full")
+        assert backend.records("/streams/nobudget/") == []
+    finally:
+        gw.stop()
+    config = fault_config(fault_redis.url, backend.url, tmp_path / "spool")
+    config["spool"]["memory_budget"] = "0"
+    gw = start_gateway(config, tmp_path)
+    try:
+        await assert_still_serving(gw, agent, backend, size=20_000)
+        assert_released(gw)
+    finally:
+        gw.stop()
+
+
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: a real ENOSPC (we run as root in the test sandbox, so mount works)."""

@@ -32,6 +32,16 @@ async def read_all(spool: Spool) -> bytes:
     return b"".join([chunk async for chunk in spool.chunks()])
 
 
+def spills(metrics: Metrics) -> dict[str, float]:
+    return {
+        reason: metrics.registry.get_sample_value(
+            "upload_gateway_spool_spills_total", {"reason": reason}
+        )
+        or 0
+        for reason in ("budget", "threshold", "announced")
+    }
+
+
 def pattern(size: int) -> bytes:
     unit = b"plaintext-secret-pattern-0123456789;"
     return (unit * (size // len(unit) + 1))[:size]
@@ -134,6 +144,57 @@ async def test_budget_refuses_with_507_and_is_returned_on_close(tmp_path: Path) 
     assert budget.used == 0
     assert metrics.registry.get_sample_value("upload_gateway_spool_bytes") == 0
     assert spool_fds(tmp_path) == []
+
+
+async def test_memory_budget_sends_uploads_past_it_to_disk_and_is_returned(
+    tmp_path: Path,
+) -> None:
+    """The process-wide memory share: uploads within the threshold stay in memory only while
+    the in-memory total fits; a spill and a close give the share back, byte for byte."""
+    budget = SpoolBudget(10**9, memory_bytes=1500)
+    metrics = Metrics(CollectorRegistry())
+    config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
+    first, second, third = (Spool(config, budget, metrics) for _ in range(3))
+    await first.write(pattern(1000))
+    assert not first.on_disk and budget.in_memory == 1000
+    await second.write(pattern(600))  # within its threshold, but not within the budget
+    assert second.on_disk and budget.in_memory == 1000
+    await third.write(pattern(400))
+    assert not third.on_disk and budget.in_memory == 1400
+    await third.write(pattern(700))  # past its own threshold: spills, its 400 come back
+    assert third.on_disk and budget.in_memory == 1000
+    assert spills(metrics) == {"budget": 1, "threshold": 1, "announced": 0}
+    assert await read_all(first) == pattern(1000)
+    assert await read_all(second) == pattern(600)
+    assert await read_all(third) == pattern(400) + pattern(700)
+    await first.aclose()
+    assert budget.in_memory == 0
+    fourth = Spool(config, budget)
+    await fourth.write(pattern(1000))
+    assert not fourth.on_disk and budget.in_memory == 1000
+    for spool in (second, third, fourth):
+        await spool.aclose()
+    assert budget.in_memory == 0 and budget.used == 0
+    assert spool_fds(tmp_path) == []
+
+
+async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_byte(
+    tmp_path: Path,
+) -> None:
+    budget = SpoolBudget(10**9)
+    metrics = Metrics(CollectorRegistry())
+    config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
+    announced = Spool(config, budget, metrics, expected_size=1001)
+    await announced.write(pattern(10))
+    assert announced.on_disk and budget.in_memory == 0
+    assert spills(metrics) == {"budget": 0, "threshold": 0, "announced": 1}
+    small = Spool(config, budget, metrics, expected_size=1000)
+    await small.write(pattern(10))
+    assert not small.on_disk and budget.in_memory == 10
+    assert await read_all(announced) == pattern(10) and await read_all(small) == pattern(10)
+    await announced.aclose()
+    await small.aclose()
+    assert budget.in_memory == 0 and spool_fds(tmp_path) == []
 
 
 async def test_closed_spool_cannot_be_used(tmp_path: Path) -> None:

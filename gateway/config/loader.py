@@ -205,6 +205,7 @@ def _spool(reader: Reader, node: Node, key: str) -> SpoolConfig | None:
         {
             "dir": reader.string,
             "memory_threshold": lambda n, k: reader.size(n, k, minimum=0),
+            "memory_budget": lambda n, k: reader.size(n, k, minimum=0),
             "max_bytes": reader.size,
         },
     )

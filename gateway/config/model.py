@@ -94,7 +94,8 @@ class AuthConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     dir: str = "/var/tmp/upload-gateway"  # noqa: S108 - the documented default (SPEC §2)
-    memory_threshold: int = 1 * MiB
+    memory_threshold: int = 2 * MiB  # a 1 MB attachment with its form framing stays in memory
+    memory_budget: int = 32 * MiB  # all in-memory bodies of a process; beyond, uploads spill
     max_bytes: int = 2 * 1024 * MiB
 
 

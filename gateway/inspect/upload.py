@@ -63,6 +63,12 @@ class InspectedUpload:
     def content_length(self) -> int:
         return self._spool.size
 
+    def body(self) -> bytes | AsyncIterator[bytes]:
+        """The exact bytes as received: one ``bytes`` if they stayed in memory, else
+        :meth:`chunks`."""
+        whole = self._spool.in_memory()
+        return self.chunks() if whole is None else whole
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The exact bytes as received (decrypted from the spool file if it spilled)."""
         async for chunk in self._spool.chunks():
@@ -381,7 +387,7 @@ async def inspect_upload(
     if error is not None:
         raise error
     inspection = _Inspection(headers, target, claims, config, sniffer or default_sniffer(), metrics)
-    spool = Spool(config.spool, spool_limits, metrics)
+    spool = Spool(config.spool, spool_limits, metrics, expected_size=_content_length(headers))
     try:
         inspection.start()
         async for chunk in _chunks(body):

@@ -7,6 +7,7 @@ that caused it (``limit_source``), because "why was my file blocked?" is answere
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -235,7 +236,18 @@ def check_spoofing(facts: FileFacts) -> GatewayError | None:
 
 
 def type_allowed(policy: EffectivePolicy, sniffed: str, extension: str) -> bool:
-    return any(types.matches_entry(entry, sniffed, extension) for entry in policy.allowed_types)
+    if len(extension) > 16:  # client-chosen: kept out of the cache below
+        return _matches(policy.allowed_types, sniffed, extension)
+    return _admitted(policy.allowed_types, sniffed, extension)
+
+
+def _matches(allowed_types: tuple[str, ...], sniffed: str, extension: str) -> bool:
+    return any(types.matches_entry(entry, sniffed, extension) for entry in allowed_types)
+
+
+# The same few (rules, type, extension) triples arrive with every upload, and a group such as
+# "documents" expands to dozens of comparisons: remember the answers, a bounded number of them.
+_admitted = functools.lru_cache(maxsize=4096)(_matches)
 
 
 def check_allowed(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | None:
