@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.accesslog import RequestRecord, log_request
 from gateway.auth.authenticator import Identity
-from gateway.body import BodyStream
+from gateway.body import READ_CHUNK, SMALL_BODY_READ, BodyStream
 from gateway.config.model import Config
 from gateway.cors import add_cors_headers, is_preflight
 from gateway.errors import GatewayError, problem_response
@@ -91,7 +91,12 @@ async def _upload(
     record.route, record.channel = target.route, target.channel
     precheck_upload(request.headers, target, identity.claims, config)
     await _send_continue(request)
-    body = BodyStream(request.content, config.server.body_timeout)
+    small = request.content_length is not None and (
+        request.content_length <= config.spool.memory_threshold
+    )
+    body = BodyStream(
+        request.content, config.server.body_timeout, SMALL_BODY_READ if small else READ_CHUNK
+    )
     state.metrics.inflight_uploads.inc()
     try:
         upload = await inspect_upload(

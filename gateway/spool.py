@@ -256,19 +256,15 @@ class Spool:
         self._records += 1
         return record
 
-    def in_memory(self) -> bytes | None:
-        """The whole body as one ``bytes`` when it never left memory, else None.
+    def in_memory(self) -> list[bytes] | None:
+        """The pieces of a body that never left memory, else None.
 
-        A body in memory goes to the backend in one write with its headers, not through an
-        async iterator chunk by chunk (for small uploads that machinery cost more than the
-        bytes). Joining copies at most ``memory_threshold`` bytes, once: the pieces are replaced
-        by the joined whole.
+        Such a body needs no decryption and no thread: the forwarder can hand the pieces to the
+        connection as they are, without the async iterators a spilled body goes through.
         """
         if self.closed or self._file is not None or not self.sealed:
             return None
-        if len(self._memory) != 1:
-            self._memory = [b"".join(self._memory)]
-        return self._memory[0]
+        return self._memory
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The exact bytes written, decrypted and authenticated record by record."""

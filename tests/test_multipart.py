@@ -136,6 +136,33 @@ async def test_type_matrix(config: Config, kind: str, channel: str, role: Role) 
         assert error.fields["sniffed_type"] == files.EXPECTED[kind]
 
 
+@pytest.mark.parametrize(
+    ("size", "chunk", "held_as"),
+    [
+        (500, 1 << 20, "bytes"),  # one piece in memory: handed on as it is
+        (2000, 700, "pieces"),  # several pieces in memory: iterated, never joined
+        (20_000, 4096, "file"),  # past memory_threshold (4 KiB): decrypted from the spool file
+    ],
+)
+async def test_the_body_handed_on_is_exactly_what_arrived_however_it_was_held(
+    config: Config, size: int, chunk: int, held_as: str
+) -> None:
+    parts = [one("png", size=size)]
+    sent, _ = files.multipart(parts)
+    upload = await inspect(config, parts, role="agent", chunk=chunk)
+    try:
+        handed = upload.body()
+        if isinstance(handed, bytes):
+            assert held_as == "bytes"
+            received = handed
+        else:
+            assert held_as == ("file" if upload._spool.on_disk else "pieces")
+            received = b"".join([piece async for piece in handed])
+        assert received == sent and upload.content_length == len(sent)
+    finally:
+        await upload.aclose()
+
+
 @pytest.mark.parametrize(("role", "limit"), [("agent", 1000), ("customer", 500)])
 async def test_file_limit_exact_passes_plus_one_fails(
     config: Config, role: Role, limit: int

@@ -64,10 +64,14 @@ class InspectedUpload:
         return self._spool.size
 
     def body(self) -> bytes | AsyncIterator[bytes]:
-        """The exact bytes as received: one ``bytes`` if they stayed in memory, else
-        :meth:`chunks`."""
-        whole = self._spool.in_memory()
-        return self.chunks() if whole is None else whole
+        """The exact bytes as received: one ``bytes`` for a body kept whole in memory in one
+        piece, an iterator over its pieces if it was kept in several, else :meth:`chunks`."""
+        pieces = self._spool.in_memory()
+        if pieces is None:
+            return self.chunks()
+        if len(pieces) == 1:
+            return pieces[0]
+        return _each(pieces)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The exact bytes as received (decrypted from the spool file if it spilled)."""
@@ -356,6 +360,11 @@ class _Inspection:
             if self.metrics is not None:
                 self.metrics.upload_size.labels(self.target.channel, self.role).observe(part.size)
         return verdicts
+
+
+async def _each(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 async def _chunks(body: Body) -> AsyncIterator[bytes]:
