@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import threading
@@ -43,6 +44,10 @@ class RunResult:
     redis_commands: dict[str, int] = field(default_factory=dict)
     start_rss_mib: dict[str, float] = field(default_factory=dict)  # pid -> VmRSS before
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # pid -> max VmRSS seen
+    # CPU seconds the serving processes spent during the run (nginx-auth: without its auth service)
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
+    sink_bytes: int = 0
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -112,6 +117,20 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds so far of ``pids``, all their threads; gone processes count 0."""
+    user = system = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
 def status_kib(pid: int, field_name: str) -> int | None:
     """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM), or None if the process is gone."""
     try:
@@ -139,8 +158,10 @@ def measure(
     start_rss = {str(pid): round((status_kib(pid, "VmRSS") or 0) / 1024, 1) for pid in pids}
     load1 = float(Path("/proc/loadavg").read_text().split()[0])
     before, sink_before, began = redis_calls(redis_client), sink_totals(sink_port), time.monotonic()
+    cpu_before = cpu_seconds(pids)
     with RssSampler(pids) as rss:
         raw = wrk(peer.url, body, headers_file, conns, duration)
+    cpu_after = cpu_seconds(pids)
     sink_after, elapsed = sink_totals(sink_port), time.monotonic() - began
     delta = calls_delta(before, redis_calls(redis_client))
     seconds = raw["duration_us"] / 1e6
@@ -150,6 +171,9 @@ def measure(
     result.body_bytes = body.size
     result.start_rss_mib = start_rss
     received = sink_after["bytes"] - sink_before["bytes"]
+    result.sink_bytes = received
+    result.cpu_user_s = round(cpu_after[0] - cpu_before[0], 2)
+    result.cpu_sys_s = round(cpu_after[1] - cpu_before[1], 2)
     result.sink_mib_per_s = round(received / elapsed / 1048576, 1)
     result.rps = round(ok / seconds, 1)
     result.mib_per_s = round(ok * body.size / seconds / 1048576, 1)

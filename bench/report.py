@@ -46,9 +46,30 @@ def medians(runs: list[dict[str, Any]]) -> Medians:
                 else None
             ),
             "peak_rss_mib": max(max(r["peak_rss_mib"].values(), default=0) for r in group),
+            "cpu": _cpu_cost(group),
             "load_avg_1m": round(statistics.median(r["load_avg_1m"] for r in group), 2),
         }
     return out
+
+
+def _cpu_cost(group: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median CPU of the serving processes per unit of work: ms per MiB that reached the backend
+    (and the share spent in the kernel), or us per request for 10KB; None for older results."""
+    costs, kernel = [], []
+    for run in group:
+        user, system = run.get("cpu_user_s"), run.get("cpu_sys_s")
+        work = run.get("sink_bytes", 0) / 1048576 if run["size"] != "10KB" else run["requests"]
+        if user is None or system is None or not work:
+            continue
+        scale = 1000 if run["size"] != "10KB" else 1e6
+        costs.append((user + system) * scale / work)
+        kernel.append(system / (user + system) if user + system else 0.0)
+    if not costs:
+        return None
+    return {
+        "per_unit": round(statistics.median(costs), 2),
+        "kernel_share": round(statistics.median(kernel), 2),
+    }
 
 
 def rss_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -220,7 +241,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "one run, not as capacities.",
     ]
     lines += _throughput_md(result) + _latency_md(result) + _targets_md(result)
-    lines += _refusal_md(result) + _rss_md(result) + _redis_md(result) + _about_md(result)
+    lines += _refusal_md(result) + _rss_md(result) + _cpu_md(result) + _redis_md(result)
+    lines += _about_md(result)
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +360,33 @@ def _rss_md(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {peer} | " + " | ".join(f"{row[c]:g}" if c in row else "-" for c in cols) + " |"
         )
+    return lines
+
+
+def _cpu_md(result: dict[str, Any]) -> list[str]:
+    med, peers = result["medians"], _peers(result["medians"])
+    lines = [
+        "",
+        "## CPU of the serving processes (median)",
+        "",
+        "user + system CPU of the peer's serving processes over a run (all threads; nginx-auth "
+        "without its auth service), per request for 10KB and per MiB that reached the backend "
+        "otherwise; in brackets the share spent in the kernel. With both cores busy, throughput "
+        "follows this cost.",
+        "",
+        "| body | conns | " + " | ".join(peers) + " |",
+        "|---|---:|" + "---:|" * len(peers),
+    ]
+    for cell in result["cells"]:
+        size, conns = cell.split("/c")
+        unit = "us/req" if size == "10KB" else "ms/MiB"
+        row = []
+        for peer in peers:
+            cost = med.get(peer, {}).get(cell, {}).get("cpu")
+            row.append(
+                "-" if not cost else f"{cost['per_unit']:g} {unit} ({cost['kernel_share']:.0%})"
+            )
+        lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
     return lines
 
 
