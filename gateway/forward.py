@@ -32,6 +32,10 @@ READ_CHUNK = 256 * 1024
 _RESPONSE_FRAMING = ("content-length",)  # Transfer-Encoding is hop-by-hop already
 
 
+class ResponseAborted(ConnectionResetError):
+    """The backend failed after the response started; the client's connection was cut."""
+
+
 @dataclass
 class ForwardResult:
     """What the access log and metrics need to know about the exchange."""
@@ -130,7 +134,7 @@ class Forwarder:
                 "backend_unavailable", "the backend refused or dropped the connection"
             ) from exc
         result.backend_seconds = time.monotonic() - started
-        self._metrics.backend_duration.labels(route=route).observe(result.backend_seconds)
+        self._metrics.backend_duration.labels(route).observe(result.backend_seconds)
         async with backend:
             return await self._relay(request, backend, route, result)
 
@@ -157,7 +161,7 @@ class Forwarder:
             self._metrics.backend_errors.labels(kind="response_aborted").inc()
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("backend dropped the response mid-body") from exc
+            raise ResponseAborted("backend dropped the response mid-body") from exc
         await response.write_eof()
         return response
 

@@ -21,7 +21,7 @@ from gateway.body import READ_CHUNK, SMALL_BODY_READ, BodyStream
 from gateway.config.model import Config
 from gateway.cors import add_cors_headers, is_preflight
 from gateway.errors import GatewayError, problem_response
-from gateway.forward import ForwardResult
+from gateway.forward import ForwardResult, ResponseAborted
 from gateway.headers import end_to_end, forwarded_for, request_id
 from gateway.inspect.upload import inspect_upload, precheck_upload
 from gateway.policy.query import POLICY_PREFIX, policy_response
@@ -48,10 +48,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = await _serve(request, state, config, record)
     except GatewayError as error:
         response = _refuse(request, state, config, record, error)
-    except (ConnectionError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         record.reason = "client_closed"
         record.finish(499)  # nginx's "client closed request"
         raise
+    except ConnectionError as gone:
+        # The client went away mid-request (ordinary on mobile networks), or the backend failed
+        # mid-response and the client's connection was cut: the access line and the metrics
+        # say which. Raising would make aiohttp log an ERROR with a traceback and count a 500;
+        # this answer goes to a closed transport, which aiohttp ignores.
+        aborted = isinstance(gone, ResponseAborted)
+        record.reason = "backend_aborted" if aborted else "client_closed"
+        response = web.Response(status=502 if aborted else 499)
+        response.force_close()
     except Exception:
         LOGGER.exception("unexpected error, request %s refused", record.request_id)
         internal = GatewayError("internal_error", "an unexpected error occurred; it was logged")
@@ -153,7 +162,7 @@ async def _forward(
         if isinstance(body, BodyStream):
             record.bytes_in = body.received
         record.backend_ms = round(result.backend_seconds * 1000, 3)
-        state.metrics.forwarded_bytes.labels(route=record.route).inc(record.bytes_out)
+        state.metrics.forwarded_bytes.labels(record.route).inc(record.bytes_out)
 
 
 class _CountedBody:
@@ -226,12 +235,14 @@ def _account(
         record.finish(response.status)
     metrics = state.metrics
     method = record.method if record.method in KNOWN_METHODS else "OTHER"
-    metrics.requests.labels(route=record.route, method=method, status=str(record.status)).inc()
-    metrics.request_duration.labels(route=record.route).observe(record.duration_ms / 1000)
-    metrics.received_bytes.labels(route=record.route).inc(record.bytes_in)
+    # Label values are positional, in the order metrics.py declares them: with keywords,
+    # prometheus_client sorts them on every call, and these run for every request.
+    metrics.requests.labels(record.route, method, str(record.status)).inc()
+    metrics.request_duration.labels(record.route).observe(record.duration_ms / 1000)
+    metrics.received_bytes.labels(record.route).inc(record.bytes_in)
     if record.channel is not None:
         role = record.role or "unknown"
-        metrics.uploads.labels(channel=record.channel, role=role, outcome=_outcome(record)).inc()
+        metrics.uploads.labels(record.channel, role, _outcome(record)).inc()
     log_request(record)
 
 

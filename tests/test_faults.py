@@ -277,8 +277,10 @@ def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_res
 ) -> None:
     """The head is already out when the backend drops: the gateway must cut the connection,
     never end the body cleanly, so no client can take 1,000 bytes for the whole answer."""
+    logged = len(fault_gw.log())
+    path = f"/fault/reset-response-{framing}"
     with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
-        sock.sendall(raw_head("GET", f"/fault/reset-response-{framing}", agent))
+        sock.sendall(raw_head("GET", path, agent))
         started = time.monotonic()
         data = read_response(sock, timeout=10)
         assert time.monotonic() - started < 5, (
@@ -296,6 +298,9 @@ def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_res
         assert response.header("Transfer-Encoding") == "chunked"
         assert b"y" * 1000 in response.body and not chunked_complete(response.body)
     assert fault_gw.proc.poll() is None
+    # Logged as the backend's failure, not as a client leaving, and not as an ERROR traceback.
+    assert wait_until(lambda: f'"path": "{path}"' in fault_gw.log()[logged:])
+    assert_closed_quietly(fault_gw.log()[logged:], path, 502, "backend_aborted")
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -305,7 +310,7 @@ async def test_a_client_vanishing_mid_upload_sends_the_backend_nothing_and_leaks
     fault_gw: GatewayProc, backend: FaultBackend, agent: str
 ) -> None:
     await assert_still_serving(fault_gw, agent, backend)  # warm pools: the baseline is steady
-    baseline = len(fds(fault_gw))
+    baseline, logged = len(fds(fault_gw)), len(fault_gw.log())
     body, ctype = pdf_upload(3 * MiB)
     with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
         sock.sendall(raw_head("POST", "/streams/vanish/objects", agent, ctype, len(body)))
@@ -315,6 +320,35 @@ async def test_a_client_vanishing_mid_upload_sends_the_backend_nothing_and_leaks
     assert_released(fault_gw, baseline)
     assert backend.records("/streams/vanish/") == []
     await assert_still_serving(fault_gw, agent, backend)
+    assert_closed_quietly(fault_gw.log()[logged:], "/streams/vanish/objects")
+
+
+@pytest.mark.parametrize("length", [3 * MiB, None])
+async def test_a_client_vanishing_mid_pass_through_body_is_a_499_not_an_error(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str, length: int | None
+) -> None:
+    """Not an upload route: the body streams to the backend as it arrives. A client that goes
+    away is ordinary (mobile networks): an access line with 499, no ERROR with a traceback."""
+    logged = len(fault_gw.log())
+    ctype = "application/octet-stream"
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+        sock.sendall(raw_head("POST", "/api/notes", agent, ctype, length, chunked=not length))
+        sock.sendall(b"x" * 65536 if length else b"1000\r\n" + b"x" * 0x1000)
+        time.sleep(0.3)
+        vanish(sock)
+    assert wait_until(lambda: '"path": "/api/notes"' in fault_gw.log()[logged:])
+    assert_closed_quietly(fault_gw.log()[logged:], "/api/notes")
+    await assert_still_serving(fault_gw, agent, backend)
+
+
+def assert_closed_quietly(
+    log: str, path: str, status: int = 499, reason: str = "client_closed"
+) -> None:
+    """One access line for ``path`` with this status and reason, and no ERROR line at all."""
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert [line for line in lines if line.get("level") == "ERROR"] == [], log
+    mine = [line for line in lines if line.get("path") == path]
+    assert [(line["status"], line["reason"]) for line in mine] == [(status, reason)], mine
 
 
 async def test_a_client_vanishing_mid_download_stops_the_backend_transfer_and_leaks_nothing(

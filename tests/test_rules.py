@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from gateway.config.loader import load_config_text
@@ -178,3 +180,17 @@ def test_policy_document_shape(config: Config) -> None:
     }
     assert document["allowed_types"]["value"] == ["image/*", "audio/ogg", "video/mp4", ".pdf"]
     assert document["enabled"]["value"] is True
+
+
+def test_policies_are_remembered_per_channel_key_and_forgotten_with_their_config() -> None:
+    """URL ids are client-chosen: the memo is keyed by the channel they resolve to."""
+    config = load_config_text(files.policy_yaml("/tmp/gw-spool"), require_secrets=False)
+    first = rules.effective_policy(config, "4711", "agent")
+    for stream in range(500):
+        assert rules.effective_policy(config, f"stream-{stream}", "agent") is first
+    assert rules.effective_policy(config, "whatsapp", "agent").channel == "whatsapp"
+    assert set(rules._memo(config)) == {("default", "agent"), ("whatsapp", "agent")}
+    key = id(config)
+    del config, first
+    gc.collect()
+    assert key not in rules._MEMOS

@@ -121,7 +121,7 @@ class Authenticator:
     async def _active_record(self, digest_hex: str) -> KeyRecord:
         cached = self.cache.get(digest_hex)
         if self.metrics is not None:
-            self.metrics.auth_cache.labels(result="hit" if cached else "miss").inc()
+            self.metrics.auth_cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
             return cached
         # Single flight: when a verdict expires under load, every concurrent request for that

@@ -31,9 +31,8 @@ def malformed(detail: str) -> GatewayError:
     return GatewayError("malformed_request", detail)
 
 
-def boundary_of(content_type: str) -> bytes:
-    """The boundary of a ``multipart/form-data`` Content-Type, or 400."""
-    _, options = parse_options_header(content_type)
+def boundary_from(options: dict[bytes, bytes]) -> bytes:
+    """The boundary among a Content-Type's parsed parameters, or 400."""
     boundary = options.get(b"boundary", b"")
     if not boundary or len(boundary) > 70:
         raise malformed("multipart/form-data without a valid boundary (RFC 2046: 1-70 chars)")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import StreamReader
@@ -35,7 +34,7 @@ from python_multipart.multipart import parse_options_header
 from gateway.config.model import Config, Mode, Role
 from gateway.errors import GatewayError
 from gateway.inspect.counter import ByteCounter
-from gateway.inspect.multipart import MultipartInspector, Part, boundary_of, malformed
+from gateway.inspect.multipart import MultipartInspector, Part, boundary_from, malformed
 from gateway.inspect.sniffer import Sniffer, default_sniffer
 from gateway.metrics import Metrics
 from gateway.policy import rules
@@ -198,14 +197,15 @@ class _Inspection:
         self._policies: dict[Role, rules.EffectivePolicy] = {}
         self.inspector: MultipartInspector | None = None
         self.raw: Part | None = None
-        multipart = _is_multipart(headers)
+        kind, options = parse_options_header(headers.get("Content-Type", ""))
+        multipart = kind == b"multipart/form-data"
         self.role: Role | None = role_from_claims(config, claims)
         if self.role is None and not waits_for_form(config, claims, multipart):
             self.role = config.uploads.role.default
         if multipart:
             form = config.uploads.role.from_form
             self.inspector = MultipartInspector(
-                boundary_of(headers.get("Content-Type", "")),
+                boundary_from(options),
                 self.sniff_bytes,
                 form.field if form is not None else None,
             )
@@ -355,7 +355,14 @@ class _Inspection:
         for part in self.files:
             facts = self._facts(part)
             verdicts.append(
-                replace(rules.FileVerdict.of(facts, None), reason=self.reasons.get(part.index))
+                rules.FileVerdict(
+                    facts.filename,
+                    facts.field,
+                    facts.declared_type,
+                    facts.sniffed_type,
+                    facts.size,
+                    self.reasons.get(part.index),
+                )
             )
             if self.metrics is not None:
                 self.metrics.upload_size.labels(self.target.channel, self.role).observe(part.size)

@@ -8,6 +8,7 @@ that caused it (``limit_source``), because "why was my file blocked?" is answere
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,8 +81,32 @@ def effective_policy(config: Config, channel_id: str, role: Role) -> EffectivePo
 
     A role limit at or above ``limits.max_file_size`` is attributed to the system cap: that is
     the setting that binds, and the loader fills an omitted role limit with the cap anyway.
+    Computed once per configuration, channel key and role (a config never changes; a reload
+    makes a new one), and remembered by the channel *key*, so URL ids cannot grow the memo.
     """
     key, channel = config.channel(channel_id)
+    known = _memo(config)
+    found = known.get((key, role))
+    if found is None:
+        found = known[(key, role)] = _effective_policy(config, key, channel, role)
+    return found
+
+
+_MEMOS: dict[int, dict[tuple[str, Role], EffectivePolicy]] = {}
+
+
+def _memo(config: Config) -> dict[tuple[str, Role], EffectivePolicy]:
+    """This config's memo, dropped when the config is (keyed by id: hashing a config is slow)."""
+    known = _MEMOS.get(id(config))
+    if known is None:
+        known = _MEMOS[id(config)] = {}
+        weakref.finalize(config, _MEMOS.pop, id(config), None)
+    return known
+
+
+def _effective_policy(
+    config: Config, key: str, channel: ChannelPolicy, role: Role
+) -> EffectivePolicy:
     policy: RolePolicy = channel.for_role(role)
     source = _role_source(config, key, channel, role)
     cap = config.limits.max_file_size
