@@ -1,0 +1,131 @@
+"""CPU per request of the upload path against pass-through, in one process, optionally profiled.
+
+py-spy shows where one worker's samples fall, in proportion; it cannot say that one path costs
+twice the other. This runs the gateway app in this process (one worker, the bench's config),
+drives it with wrk once at the upload route and once at a path that is only proxied, and divides
+this process's CPU time by the requests answered. With ``--profile`` it also runs cProfile and
+prints, per function, the difference in own time per request between the two paths.
+
+    .venv/bin/python -m bench.inprocess [--size 10KB] [--seconds 5] [--profile]
+
+It starts its own redis-server and sink, in ``bench/work/inprocess/``, and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import time
+from pathlib import Path
+
+import uvloop
+import yaml
+from aiohttp import web
+
+from bench import payloads
+from bench.peers import SIGNING_KEY, GatewayVariant, gateway_config, issue_secret
+from bench.stack import BENCH, Stack
+from gateway.app import build_app, build_state
+from gateway.config import load_config
+from gateway.config.model import Config
+from gateway.protocol import GatewayRunner, ProtocolOptions
+
+PASS_PATH = "/not-an-upload-route/4711/objects"
+
+
+async def _wrk(url: str, body: Path, headers: Path, seconds: float) -> int:
+    """Completed 200 responses of one wrk run (16 connections, one thread)."""
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(BENCH / "upload.lua"), url, "--",
+        str(body), str(headers), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    line = next(x for x in out.decode().splitlines() if x.startswith("WRKJSON "))
+    summary = json.loads(line.removeprefix("WRKJSON "))
+    return int(summary["requests"]) - int(summary["errors"]["status"])
+
+
+async def _measure(
+    config: Config, body: Path, headers: Path, seconds: float, profile: bool
+) -> dict[str, tuple[int, pstats.Stats | None]]:
+    state = build_state(config)
+    options = ProtocolOptions(header_timeout=10, metrics=state.metrics)
+    runner = GatewayRunner(build_app(state), options, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+    base = f"http://{config.listen.host}:{config.listen.port}"
+    results: dict[str, tuple[int, pstats.Stats | None]] = {}
+    try:
+        for path in (payloads.UPLOAD_PATH, PASS_PATH):  # warm both paths first
+            await _wrk(base + path, body, headers, 1)
+        for name, path in (("upload", payloads.UPLOAD_PATH), ("pass-through", PASS_PATH)):
+            profiler = cProfile.Profile() if profile else None
+            began = time.process_time()
+            if profiler is not None:
+                profiler.enable()
+            done = await _wrk(base + path, body, headers, seconds)
+            if profiler is not None:
+                profiler.disable()
+            per_request = (time.process_time() - began) / max(done, 1) * 1e6
+            results[name] = (done, pstats.Stats(profiler) if profiler else None)
+            print(f"{name}: {done} requests, {per_request:.0f} us of CPU per request")
+    finally:
+        await runner.cleanup()
+    return results
+
+
+def _own_time_delta(upload: tuple[int, pstats.Stats], passing: tuple[int, pstats.Stats]) -> None:
+    """Functions by how much more own time per request they take on the upload path (cProfile's
+    own overhead inflates every figure; the differences are what to read)."""
+
+    def per_request(done: int, stats: pstats.Stats) -> dict[tuple[str, int, str], float]:
+        table = stats.stats  # type: ignore[attr-defined]
+        return {key: row[2] / max(done, 1) * 1e6 for key, row in table.items()}
+
+    a, b = per_request(*upload), per_request(*passing)
+    rows = sorted(((a.get(k, 0.0) - b.get(k, 0.0), k) for k in set(a) | set(b)), reverse=True)
+    print("\nown time, us per request under cProfile: upload - pass-through, upload, pass-through")
+    for diff, key in rows[:30]:
+        file, line, func = key
+        where = file.split("site-packages/")[-1].replace(os.getcwd() + "/", "")
+        print(f"{diff:+8.1f} {a.get(key, 0.0):8.1f} {b.get(key, 0.0):8.1f}  {where}:{line} {func}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", default="10KB", choices=sorted(payloads.SIZES))
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    os.environ["GATEWAY_SIGNING_KEY"] = SIGNING_KEY
+    work = BENCH / "work" / "inprocess"
+    work.mkdir(parents=True, exist_ok=True)
+    stack = Stack(work)
+    try:
+        stack.start_redis()
+        sink = stack.start_sink(1)
+        variant = GatewayVariant("inprocess", 1)
+        config_file = stack.work / "inprocess.yaml"
+        data = gateway_config(variant, stack.redis_url, f"http://127.0.0.1:{sink.port}", stack.work)
+        config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        secret = issue_secret(str(config_file))
+        body = payloads.write_bodies(stack.work)[args.size].path
+        headers = stack.work / "headers.txt"
+        headers.write_text(
+            f"Content-Type: {payloads.CONTENT_TYPE}\nAuthorization: Bearer {secret}\n"
+        )
+        config = load_config(str(config_file))
+        results = uvloop.run(_measure(config, body, headers, args.seconds, args.profile))
+        (done_a, upload), (done_b, passing) = results["upload"], results["pass-through"]
+        if upload is not None and passing is not None:
+            _own_time_delta((done_a, upload), (done_b, passing))
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
