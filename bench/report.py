@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,20 +290,31 @@ def _throughput_md(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _latency_md(result: dict[str, Any]) -> list[str]:
-    med, peers = result["medians"], _peers(result["medians"])
-    lines = [
-        "",
-        "## Latency p99, ms (median over repetitions)",
-        "",
-        "| body | conns | " + " | ".join(peers) + " |",
-        "|---|---:|" + "---:|" * len(peers),
-    ]
+def _per_cell_table(
+    result: dict[str, Any], title: str, intro: str, text: Callable[[str, str, str], str]
+) -> list[str]:
+    """A section with one row per cell and one column per peer; ``text(peer, cell, size)``."""
+    peers = _peers(result["medians"])
+    lines = ["", f"## {title}", ""] + ([intro, ""] if intro else [])
+    lines += ["| body | conns | " + " | ".join(peers) + " |", "|---|---:|" + "---:|" * len(peers)]
     for cell in result["cells"]:
         size, conns = cell.split("/c")
-        row = ["-" if (v := _get(med, p, cell, "p99_ms")) is None else f"{v:g}" for p in peers]
+        row = [text(peer, cell, size) for peer in peers]
         lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
     return lines
+
+
+def _number(result: dict[str, Any], key: str) -> Callable[[str, str, str], str]:
+    def text(peer: str, cell: str, _size: str) -> str:
+        value = _get(result["medians"], peer, cell, key)
+        return "-" if value is None else f"{value:g}"
+
+    return text
+
+
+def _latency_md(result: dict[str, Any]) -> list[str]:
+    title = "Latency p99, ms (median over repetitions)"
+    return _per_cell_table(result, title, "", _number(result, "p99_ms"))
 
 
 def _targets_md(result: dict[str, Any]) -> list[str]:
@@ -364,53 +376,28 @@ def _rss_md(result: dict[str, Any]) -> list[str]:
 
 
 def _cpu_md(result: dict[str, Any]) -> list[str]:
-    med, peers = result["medians"], _peers(result["medians"])
-    lines = [
-        "",
-        "## CPU of the serving processes (median)",
-        "",
+    def text(peer: str, cell: str, size: str) -> str:
+        cost = result["medians"].get(peer, {}).get(cell, {}).get("cpu")
+        unit = "us/req" if size == "10KB" else "ms/MiB"
+        return "-" if not cost else f"{cost['per_unit']:g} {unit} ({cost['kernel_share']:.0%})"
+
+    intro = (
         "user + system CPU of the peer's serving processes over a run (all threads; nginx-auth "
         "without its auth service), per request for 10KB and per MiB that reached the backend "
         "otherwise; in brackets the share spent in the kernel. With both cores busy, throughput "
-        "follows this cost.",
-        "",
-        "| body | conns | " + " | ".join(peers) + " |",
-        "|---|---:|" + "---:|" * len(peers),
-    ]
-    for cell in result["cells"]:
-        size, conns = cell.split("/c")
-        unit = "us/req" if size == "10KB" else "ms/MiB"
-        row = []
-        for peer in peers:
-            cost = med.get(peer, {}).get(cell, {}).get("cpu")
-            row.append(
-                "-" if not cost else f"{cost['per_unit']:g} {unit} ({cost['kernel_share']:.0%})"
-            )
-        lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
-    return lines
+        "follows this cost."
+    )
+    return _per_cell_table(result, "CPU of the serving processes (median)", intro, text)
 
 
 def _redis_md(result: dict[str, Any]) -> list[str]:
-    med, peers = result["medians"], _peers(result["medians"])
-    lines = [
-        "",
-        "## Redis commands per request (median)",
-        "",
+    intro = (
         "INFO commandstats delta over the run / requests, without the PINGs each gateway "
         "worker's revocation listener sends once a second. A pipeline of N commands is one "
-        "round trip (the gateway's key lookup is ZSCORE+HGETALL in one pipeline).",
-        "",
-        "| body | conns | " + " | ".join(peers) + " |",
-        "|---|---:|" + "---:|" * len(peers),
-    ]
-    for cell in result["cells"]:
-        size, conns = cell.split("/c")
-        row = [
-            "-" if (v := _get(med, p, cell, "redis_per_request")) is None else f"{v:g}"
-            for p in peers
-        ]
-        lines.append(f"| {size} | {conns} | " + " | ".join(row) + " |")
-    return lines
+        "round trip (the gateway's key lookup is ZSCORE+HGETALL in one pipeline)."
+    )
+    title = "Redis commands per request (median)"
+    return _per_cell_table(result, title, intro, _number(result, "redis_per_request"))
 
 
 def _about_md(result: dict[str, Any]) -> list[str]:
