@@ -1,11 +1,11 @@
 """To the backend and back, streaming both ways through one pooled ``ClientSession``.
 
 Bodies are never held whole here: a request body arrives as an async iterator (or, when the spool
-kept a small upload in memory, as the one ``bytes`` it already holds) and the response is copied
-chunk by chunk. aiohttp's client would normally decompress responses; that is
-off, so the client gets exactly the bytes the backend sent. Failures before the backend answered
-become problem+json (502/504); a failure after the response started can only be signalled by
-cutting the connection, so a half response is never passed off as a whole one.
+kept a small upload in memory in one piece, as that ``bytes``) and the response is copied chunk
+by chunk. aiohttp's client would normally decompress responses; that is off, so the client gets
+exactly the bytes the backend sent. Failures before the backend answered become problem+json
+(502/504); a failure after the response started can only be signalled by cutting the connection
+(:class:`ResponseAborted`), so a half response is never passed off as a whole one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Where an upload waits while it is inspected: memory first, then an encrypted file.
 
 Nothing may reach the backend before every check passed (SPEC §4), so the whole body is held
-until then. Small bodies stay in memory (``spool.memory_threshold``); larger ones go to a file in
+until then. Small bodies stay in memory (``spool.memory_threshold``, while the worker's
+``spool.memory_budget`` has room: :class:`SpoolBudget`); the others go to a file in
 ``spool.dir``, written with aiofiles and encrypted with AES-256-GCM under a random key that exists
 only in this object, so a spool file on disk, in a backup or after a crash is unreadable.
 

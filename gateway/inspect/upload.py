@@ -354,16 +354,7 @@ class _Inspection:
         verdicts = []
         for part in self.files:
             facts = self._facts(part)
-            verdicts.append(
-                rules.FileVerdict(
-                    facts.filename,
-                    facts.field,
-                    facts.declared_type,
-                    facts.sniffed_type,
-                    facts.size,
-                    self.reasons.get(part.index),
-                )
-            )
+            verdicts.append(rules.FileVerdict.of(facts, self.reasons.get(part.index)))
             if self.metrics is not None:
                 self.metrics.upload_size.labels(self.target.channel, self.role).observe(part.size)
         return verdicts

@@ -184,14 +184,9 @@ class FileVerdict:
         return self.reason is None
 
     @classmethod
-    def of(cls, facts: FileFacts, error: GatewayError | None) -> FileVerdict:
+    def of(cls, facts: FileFacts, reason: str | None) -> FileVerdict:
         return cls(
-            facts.filename,
-            facts.field,
-            facts.declared_type,
-            facts.sniffed_type,
-            facts.size,
-            None if error is None else error.code,
+            facts.filename, facts.field, facts.declared_type, facts.sniffed_type, facts.size, reason
         )
 
 
