@@ -133,18 +133,14 @@ def targets(
             r is not None and r >= 1.0,
             f"median MiB/s of completed uploads (bytes reaching the backend: {_x(sink)})",
         )
+
+    def add_ratio(name: str, peers: tuple[str, str], cell: str, floor: float) -> None:
+        r = _ratio(_get(med, peers[0], cell, "rps"), _get(med, peers[1], cell, "rps"))
+        add(name, r, f">= {floor:.1f}x", r is not None and r >= floor, "median req/s ratio")
+
     for conns in (16, 64):
-        r = _ratio(
-            _get(med, "gateway-w2", f"10KB/c{conns}", "rps"),
-            _get(med, "nginx-auth", f"10KB/c{conns}", "rps"),
-        )
-        add(
-            f"10KB uploads, {conns} conns: gateway-w2 / nginx+auth_request req/s",
-            r,
-            ">= 1.0x",
-            r is not None and r >= 1.0,
-            "median req/s ratio",
-        )
+        name = f"10KB uploads, {conns} conns: gateway-w2 / nginx+auth_request req/s"
+        add_ratio(name, ("gateway-w2", "nginx-auth"), f"10KB/c{conns}", 1.0)
     peaks = [
         rss[p]["20MB/c64"] for p in ("gateway-w2", "gateway-w1") if "20MB/c64" in rss.get(p, {})
     ]
@@ -166,17 +162,8 @@ def targets(
         "worst p99 over the gateway peers; the client never sends a body byte",
     )
     for conns in (16, 64):
-        r = _ratio(
-            _get(med, "gateway-w2", f"10KB/c{conns}", "rps"),
-            _get(med, "gateway-w1", f"10KB/c{conns}", "rps"),
-        )
-        add(
-            f"--workers 2 / --workers 1, 10KB, {conns} conns",
-            r,
-            ">= 1.7x",
-            r is not None and r >= 1.7,
-            "median req/s ratio",
-        )
+        name = f"--workers 2 / --workers 1, 10KB, {conns} conns"
+        add_ratio(name, ("gateway-w2", "gateway-w1"), f"10KB/c{conns}", 1.7)
     for size in ("10KB", "1MB", "20MB"):
         r = _ratio(
             _get(med, "gateway-w2", f"{size}/c16", "mib_per_s"),

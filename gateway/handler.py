@@ -23,7 +23,8 @@ from gateway.cors import add_cors_headers, is_preflight
 from gateway.errors import GatewayError, problem_response
 from gateway.forward import ForwardResult, ResponseAborted
 from gateway.headers import end_to_end, forwarded_for, request_id
-from gateway.inspect.upload import inspect_upload, precheck_upload
+from gateway.inspect.precheck import precheck_upload
+from gateway.inspect.upload import inspect_upload
 from gateway.policy.query import POLICY_PREFIX, policy_response
 from gateway.policy.routes import UploadTarget, match_upload
 from gateway.state import STATE, GatewayState

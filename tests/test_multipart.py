@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from gateway.config.loader import load_config_text
 from gateway.config.model import Config, Role
 from gateway.errors import GatewayError, problem_body
-from gateway.inspect.upload import InspectedUpload, inspect_upload, precheck_upload
+from gateway.inspect.precheck import precheck_upload
+from gateway.inspect.upload import InspectedUpload, inspect_upload
 from gateway.metrics import Metrics
 from gateway.policy.routes import UploadTarget, match_upload
 from gateway.spool import SpoolBudget

@@ -31,10 +31,17 @@ from typing import Any
 from aiohttp import StreamReader
 from python_multipart.multipart import parse_options_header
 
-from gateway.config.model import Config, Mode, Role
+from gateway.config.model import Config, Role
 from gateway.errors import GatewayError
 from gateway.inspect.counter import ByteCounter
-from gateway.inspect.multipart import MultipartInspector, Part, boundary_from, malformed
+from gateway.inspect.multipart import MultipartInspector, Part, boundary_from
+from gateway.inspect.precheck import (
+    announced_length,
+    encoding_error,
+    mode_of,
+    raw_filename,
+    request_too_large,
+)
 from gateway.inspect.sniffer import Sniffer, default_sniffer
 from gateway.metrics import Metrics
 from gateway.policy import rules
@@ -88,94 +95,6 @@ class InspectedUpload:
         await self.aclose()
 
 
-def _encoding_error(headers: Mapping[str, str]) -> GatewayError | None:
-    coding = headers.get("Content-Encoding", "").strip().lower()
-    if coding in ("", "identity"):
-        return None
-    return GatewayError(
-        "type_not_allowed",
-        f"uploads must not be sent with Content-Encoding {coding}: send the file as it is",
-        headers={"Accept-Encoding": "identity"},
-        content_encoding=coding,
-    )
-
-
-def _content_length(headers: Mapping[str, str]) -> int | None:
-    value = headers.get("Content-Length")
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise malformed(f"Content-Length {value!r} is not a number")
-    return int(value)
-
-
-def _is_multipart(headers: Mapping[str, str]) -> bool:
-    kind, _ = parse_options_header(headers.get("Content-Type", ""))
-    return bool(kind == b"multipart/form-data")
-
-
-def _mode(config: Config, target: UploadTarget) -> Mode:
-    return config.channels.get(target.channel, config.channels["default"]).mode or config.mode
-
-
-def request_too_large(config: Config, target: UploadTarget, role: Role | None) -> GatewayError:
-    limit = config.limits.max_request_size
-    return GatewayError(
-        "request_too_large",
-        f"the request is larger than {limit} bytes, the most the gateway accepts in one upload "
-        "(set by limits.max_request_size)",
-        limit_bytes=limit,
-        limit_source="limits.max_request_size",
-        channel=target.channel,
-        role=role,
-        maxFileSizeAllow=rules.megabytes(limit),
-    )
-
-
-def precheck_upload(
-    headers: Mapping[str, str], target: UploadTarget, claims: Mapping[str, Any], config: Config
-) -> None:
-    """Refuse before reading the body what the headers already prove (and only enforced rules:
-    what ``mode: report`` waives is left for :func:`inspect_upload` to count, exactly once)."""
-    mode = _mode(config, target)
-    error = _encoding_error(headers)
-    if error is not None:
-        raise error
-    length = _content_length(headers)
-    role = role_from_claims(config, claims)
-    if length is not None and length > config.limits.max_request_size:
-        raise request_too_large(config, target, role)
-    multipart = _is_multipart(headers)
-    if waits_for_form(config, claims, multipart):
-        policies = [rules.effective_policy(config, target.channel, r) for r in ROLES]
-        if not any(p.enabled for p in policies) and mode == "enforce":
-            default = config.uploads.role.default
-            raise rules.disabled_error(policies[ROLES.index(default)])
-        return
-    policy = rules.effective_policy(config, target.channel, role or config.uploads.role.default)
-    if not policy.enabled and mode == "enforce":
-        raise rules.disabled_error(policy)
-    if not multipart and length is not None:
-        limit = policy.max_file_size if mode == "enforce" else policy.system_cap
-        if length > limit:
-            raise rules.file_too_large(
-                policy if mode == "enforce" else rules.capped(policy),
-                _raw_filename(headers, target),
-            )
-
-
-def _raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
-    """A raw body's name: Content-Disposition ``filename``, else a trailing URL placeholder."""
-    _, options = parse_options_header(headers.get("Content-Disposition", ""))
-    name = options.get(b"filename")
-    if name:
-        try:
-            return name.decode("utf-8")
-        except UnicodeDecodeError:
-            return name.decode("latin-1")
-    return target.url_filename
-
-
 class _Inspection:
     """The state of one upload's inspection; :meth:`feed` each chunk, then :meth:`finish`."""
 
@@ -189,7 +108,7 @@ class _Inspection:
         metrics: Metrics | None,
     ) -> None:
         self.config, self.target, self.sniffer, self.metrics = config, target, sniffer, metrics
-        self.mode = _mode(config, target)
+        self.mode = mode_of(config, target)
         self.sniff_bytes = config.uploads.sniff_bytes
         self.request = ByteCounter(config.limits.max_request_size)
         self.reported: list[GatewayError] = []
@@ -211,7 +130,7 @@ class _Inspection:
             )
         else:
             self.raw = Part(
-                0, None, _raw_filename(headers, target), headers.get("Content-Type"), is_file=True
+                0, None, raw_filename(headers, target), headers.get("Content-Type"), is_file=True
             )
 
     @property
@@ -390,11 +309,11 @@ async def inspect_upload(
 
     On any exit by exception no spool remains.
     """
-    error = _encoding_error(headers)
+    error = encoding_error(headers)
     if error is not None:
         raise error
     inspection = _Inspection(headers, target, claims, config, sniffer or default_sniffer(), metrics)
-    spool = Spool(config.spool, spool_limits, metrics, expected_size=_content_length(headers))
+    spool = Spool(config.spool, spool_limits, metrics, expected_size=announced_length(headers))
     try:
         inspection.start()
         async for chunk in _chunks(body):

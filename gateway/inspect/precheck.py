@@ -1,0 +1,110 @@
+"""The upload stage before the body: refuse what the request's headers already prove.
+
+Runs after authentication and before ``100 Continue`` is sent (SPEC §4 early rejection), so a
+refused client sends no body at all: a ``Content-Encoding`` (415), a ``Content-Length`` over
+``limits.max_request_size`` (413), uploads disabled for the channel and role (403), a raw body
+announced over its file limit (413). The helpers here also serve the streaming stage
+(``upload.py``), which must read the same headers the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from python_multipart.multipart import parse_options_header
+
+from gateway.config.model import Config, Mode, Role
+from gateway.errors import GatewayError
+from gateway.inspect.multipart import malformed
+from gateway.policy import rules
+from gateway.policy.role import ROLES, role_from_claims, waits_for_form
+from gateway.policy.routes import UploadTarget
+
+
+def encoding_error(headers: Mapping[str, str]) -> GatewayError | None:
+    coding = headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    return GatewayError(
+        "type_not_allowed",
+        f"uploads must not be sent with Content-Encoding {coding}: send the file as it is",
+        headers={"Accept-Encoding": "identity"},
+        content_encoding=coding,
+    )
+
+
+def announced_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise malformed(f"Content-Length {value!r} is not a number")
+    return int(value)
+
+
+def is_multipart(headers: Mapping[str, str]) -> bool:
+    kind, _ = parse_options_header(headers.get("Content-Type", ""))
+    return bool(kind == b"multipart/form-data")
+
+
+def mode_of(config: Config, target: UploadTarget) -> Mode:
+    return config.channels.get(target.channel, config.channels["default"]).mode or config.mode
+
+
+def request_too_large(config: Config, target: UploadTarget, role: Role | None) -> GatewayError:
+    limit = config.limits.max_request_size
+    return GatewayError(
+        "request_too_large",
+        f"the request is larger than {limit} bytes, the most the gateway accepts in one upload "
+        "(set by limits.max_request_size)",
+        limit_bytes=limit,
+        limit_source="limits.max_request_size",
+        channel=target.channel,
+        role=role,
+        maxFileSizeAllow=rules.megabytes(limit),
+    )
+
+
+def precheck_upload(
+    headers: Mapping[str, str], target: UploadTarget, claims: Mapping[str, Any], config: Config
+) -> None:
+    """Refuse before reading the body what the headers already prove (and only enforced rules:
+    what ``mode: report`` waives is left for ``inspect_upload`` to count, exactly once)."""
+    mode = mode_of(config, target)
+    error = encoding_error(headers)
+    if error is not None:
+        raise error
+    length = announced_length(headers)
+    role = role_from_claims(config, claims)
+    if length is not None and length > config.limits.max_request_size:
+        raise request_too_large(config, target, role)
+    multipart = is_multipart(headers)
+    if waits_for_form(config, claims, multipart):
+        policies = [rules.effective_policy(config, target.channel, r) for r in ROLES]
+        if not any(p.enabled for p in policies) and mode == "enforce":
+            default = config.uploads.role.default
+            raise rules.disabled_error(policies[ROLES.index(default)])
+        return
+    policy = rules.effective_policy(config, target.channel, role or config.uploads.role.default)
+    if not policy.enabled and mode == "enforce":
+        raise rules.disabled_error(policy)
+    if not multipart and length is not None:
+        limit = policy.max_file_size if mode == "enforce" else policy.system_cap
+        if length > limit:
+            raise rules.file_too_large(
+                policy if mode == "enforce" else rules.capped(policy),
+                raw_filename(headers, target),
+            )
+
+
+def raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
+    """A raw body's name: Content-Disposition ``filename``, else a trailing URL placeholder."""
+    _, options = parse_options_header(headers.get("Content-Disposition", ""))
+    name = options.get(b"filename")
+    if name:
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            return name.decode("latin-1")
+    return target.url_filename
