@@ -12,7 +12,10 @@ from prometheus_client import CollectorRegistry
 from gateway.config.model import SpoolConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.spool import RECORD_SIZE, TAG_SIZE, Spool, SpoolBudget
+from gateway.spool import Spool, SpoolBudget
+from gateway.spool_file import BATCH_RECORDS, LARGE_BATCH_RECORDS, RECORD_SIZE, TAG_SIZE, SpoolFile
+
+LARGE_BATCH_SHARE = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * (RECORD_SIZE + TAG_SIZE)
 
 
 def spool_fds(directory: Path) -> list[str]:
@@ -117,7 +120,8 @@ async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
         cipher[100] ^= 1
     elif damage == "truncate_record":  # drop the last record: the one before is not "last"
         cipher = cipher[: 3 * record]
-        spool._records -= 1
+        assert spool._file is not None
+        spool._file._records -= 1
     else:
         cipher[:record], cipher[record : 2 * record] = cipher[record : 2 * record], cipher[:record]
     with open(path, "r+b") as raw:
@@ -186,8 +190,11 @@ async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_b
     config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
     announced = Spool(config, budget, metrics, expected_size=1001)
     await announced.write(pattern(10))
-    assert announced.on_disk and budget.in_memory == 0
+    # on disk at once; the budget holds only its large write batch (returned when sealed)
+    assert announced.on_disk and budget.in_memory == LARGE_BATCH_SHARE
     assert spills(metrics) == {"budget": 0, "threshold": 0, "announced": 1}
+    await announced.seal()
+    assert budget.in_memory == 0
     small = Spool(config, budget, metrics, expected_size=1000)
     await small.write(pattern(10))
     assert not small.on_disk and budget.in_memory == 10
@@ -195,6 +202,77 @@ async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_b
     await announced.aclose()
     await small.aclose()
     assert budget.in_memory == 0 and spool_fds(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("memory_budget", "budget_room"),
+    [(0, 0), (4 * LARGE_BATCH_SHARE - 1, 0), (4 * LARGE_BATCH_SHARE, LARGE_BATCH_SHARE)],
+)
+async def test_write_batches_use_the_memory_budget_only_while_it_has_room(
+    tmp_path: Path, memory_budget: int, budget_room: int
+) -> None:
+    """A spilled body's records go to disk in batches: large ones (fewer trips to the writing
+    thread) only while a quarter of the memory budget has room for them, else small ones;
+    the same bytes either way."""
+    budget = SpoolBudget(10**9, memory_bytes=memory_budget)
+    config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
+    spool = Spool(config, budget)
+    written: list[int] = []
+    data = pattern(40 * RECORD_SIZE + 5)
+    await spool.write(data[:1])
+    assert spool._file is not None
+    aiofile = spool._file._file
+    real_write = aiofile.write
+
+    async def counting_write(view: memoryview) -> int:
+        written.append(len(view))
+        return int(await real_write(view))
+
+    aiofile.write = counting_write
+    for start in range(1, len(data), 50_000):
+        await spool.write(data[start : start + 50_000])
+    assert budget.in_memory == budget_room  # a large batch takes the budget's share, or none
+    await spool.seal()
+    assert budget.in_memory == 0
+    records = LARGE_BATCH_RECORDS if budget_room else BATCH_RECORDS
+    assert max(written) == records * (RECORD_SIZE + TAG_SIZE)
+    assert len(written) == -(-41 // records)  # 41 records, one write per full batch
+    assert await read_all(spool) == data
+    await spool.aclose()
+    assert spool_fds(tmp_path) == []
+
+
+async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records the page cache holds are read on the loop (RWF_NOWAIT, where the filesystem
+    supports it); a record it does not hold (simulated: as if the kernel answered EAGAIN) is
+    read by a worker thread, a batch at a time. Same bytes either way."""
+    config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
+    data = pattern(9 * RECORD_SIZE + 77)
+    spool = Spool(config, SpoolBudget(10**9))
+    await spool.write(data)
+    assert await read_all(spool) == data
+    thread_reads: list[int] = []
+    real_pread = os.pread
+
+    def counted_pread(fd: int, size: int, offset: int) -> bytes:
+        thread_reads.append(offset)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counted_pread)
+    misses = iter([True, False, True, True])
+
+    file = spool._file
+    assert file is not None
+
+    def sometimes_cached(fd: int, into: memoryview, offset: int) -> memoryview | None:
+        return None if next(misses, False) else SpoolFile._read_cached(file, fd, into, offset)
+
+    file._read_cached = sometimes_cached  # type: ignore[method-assign]
+    assert await read_all(spool) == data
+    assert thread_reads[0] == 0 and len(thread_reads) >= 2
+    await spool.aclose()
 
 
 async def test_closed_spool_cannot_be_used(tmp_path: Path) -> None:

@@ -1,0 +1,269 @@
+"""The spool's file: AES-256-GCM records under a key that exists only in this object.
+
+A spool file on disk, in a backup or after a crash is unreadable. It is created ``0600`` with
+``O_EXCL`` under an unguessable name and *unlinked at once*, keeping only the open descriptor,
+so even a ``kill -9`` leaves nothing in ``spool.dir``; the space is returned when the descriptor
+closes.
+
+The plaintext is cut into records of :data:`RECORD_SIZE` bytes (the last one shorter). Record
+*i* uses nonce *i* and authenticates *i* and a "last record" flag, so records cannot be
+reordered, replayed or cut off at a record boundary without :meth:`SpoolFile.chunks` failing.
+
+What costs the event loop here is not the disk but crossing to a thread and back (and the
+thread taking the GIL back after each syscall): records are encrypted into one buffer and
+written a batch at a time through aiofiles (:meth:`SpoolFile._write_batch`), and read back on
+the loop itself while the page cache holds them (:meth:`SpoolFile.chunks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import secrets
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO
+
+import aiofiles.threadpool
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.errors import GatewayError
+
+LOGGER = logging.getLogger("upload_gateway.spool")
+RECORD_SIZE = 64 * 1024
+TAG_SIZE = 16
+STORED_RECORD = RECORD_SIZE + TAG_SIZE  # one record on disk
+# Records per disk write: 256 KiB, or 1 MiB when the spool's memory budget has room for it
+# (Spool decides). Also the records per read when the page cache no longer holds them.
+BATCH_RECORDS = 4
+LARGE_BATCH_RECORDS = 16
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+_MADE_DIRS: set[str] = set()
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
+
+
+def spool_full(detail: str) -> GatewayError:
+    return GatewayError("spool_full", detail)
+
+
+def _nonce(index: int) -> bytes:
+    return struct.pack(">4xQ", index)
+
+
+def _aad(index: int, last: bool) -> bytes:
+    return struct.pack(">QB", index, 1 if last else 0)
+
+
+class SpoolFile:
+    """One upload's encrypted file: :meth:`append`, then :meth:`seal`, then :meth:`chunks`."""
+
+    def __init__(self, raw: BinaryIO, batch_records: int) -> None:
+        self._file: Any = aiofiles.threadpool.wrap(raw)
+        self._aead: AESGCM | None = AESGCM(AESGCM.generate_key(bit_length=256))
+        self._area: mmap.mmap | None = None
+        self._pending = memoryview(b"")  # the plaintext record being filled (in _area)
+        self._filled = 0  # bytes of _pending in use (< one record)
+        self._batch = memoryview(b"")  # encrypted records not yet written (in _area)
+        self._batched = 0  # bytes of _batch in use
+        self._allocate(batch_records)
+        self._records = 0
+        self._stored = 0  # bytes of ciphertext written (records and their tags)
+        self._nowait = _RWF_NOWAIT is not None
+        self.sealed = False
+
+    @classmethod
+    async def create(cls, directory: str, batch_records: int) -> SpoolFile:
+        """A new file in ``directory``; 507 when it cannot be created."""
+        path = os.path.join(directory, f".spool-{secrets.token_hex(16)}")
+        try:
+            # Create and unlink in one thread call: a cancellation while awaiting it cannot
+            # separate the two and leave a file behind.
+            raw = await asyncio.to_thread(_create_unlinked, directory, path)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise spool_full("no disk space to spool the upload") from None
+            # Not writable (ENOTDIR, EACCES, EROFS...): an operator problem, but to the client
+            # it is the same fact: there is no room to hold the upload (SPEC §5: 507).
+            LOGGER.error("cannot create a spool file in %s: %s", directory, exc.strerror)
+            raise spool_full("the gateway cannot write its spool; try again shortly") from None
+        return cls(raw, batch_records)
+
+    def fileno(self) -> int:
+        return int(self._file.fileno())
+
+    def _allocate(self, records: int) -> None:
+        """One anonymous mapping: a record of plaintext being filled, then the batch of
+        encrypted records waiting for their write.
+
+        Its own mapping, not the heap: it lives as long as the upload is being received, and
+        many such buffers of different lifetimes fragment glibc's heap. Unmapped, the memory is
+        back with the kernel at once.
+        """
+        self._area = mmap.mmap(-1, RECORD_SIZE + records * STORED_RECORD)
+        whole = memoryview(self._area)
+        self._pending, self._batch = whole[:RECORD_SIZE], whole[RECORD_SIZE:]
+        whole.release()
+
+    def _release_buffers(self) -> None:
+        """The write buffers are gone once the body is sealed or dropped."""
+        area, self._area = self._area, None
+        self._pending = self._batch = memoryview(b"")
+        self._filled = self._batched = 0
+        if area is not None:
+            # A view still held elsewhere (a write cancelled mid-flight) keeps the mapping
+            # until it goes; it is unmapped then.
+            with contextlib.suppress(BufferError):
+                area.close()
+
+    async def append(self, chunk: bytes) -> None:
+        """Encrypt every whole record of the pending bytes + ``chunk`` that more bytes follow.
+
+        All records but the last hold exactly :data:`RECORD_SIZE` bytes, so the reader knows
+        where each ends; only :meth:`seal` may write the last one, so a record that ends exactly
+        where the bytes so far end stays pending. Whole records are encrypted straight from
+        ``chunk``: only a part of a record is copied, into a buffer that is reused.
+        """
+        if self.sealed:
+            raise RuntimeError("append to a sealed spool file")
+        view = memoryview(chunk)
+        if self._filled:
+            take = min(RECORD_SIZE - self._filled, len(view))
+            self._pending[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if not view:
+                return
+            await self._add_record(self._pending, last=False)
+            self._filled = 0
+        whole = (len(view) - 1) // RECORD_SIZE
+        for i in range(whole):
+            await self._add_record(view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE], last=False)
+        tail = view[whole * RECORD_SIZE :]
+        self._pending[: len(tail)] = tail
+        self._filled = len(tail)
+
+    async def seal(self) -> None:
+        """Write the last record and flush (once); the write buffers are released."""
+        if self.sealed:
+            return
+        await self._add_record(self._pending[: self._filled], last=True)
+        await self._write_batch()
+        self.sealed = True
+        self._release_buffers()
+        try:
+            await self._file.flush()
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise spool_full("the disk filled up while spooling the upload") from None
+            raise
+
+    async def _add_record(self, plain: memoryview, last: bool) -> None:
+        """Encrypt one record into the batch, writing the batch first if it is full."""
+        assert self._aead is not None
+        if self._batched + len(plain) + TAG_SIZE > len(self._batch):
+            await self._write_batch()
+        end = self._batched + len(plain) + TAG_SIZE
+        slot = self._batch[self._batched : end]
+        self._aead.encrypt_into(_nonce(self._records), plain, _aad(self._records, last), slot)
+        self._records += 1
+        self._batched = end
+
+    async def _write_batch(self) -> None:
+        """The batch's records in one ``write``: one trip to aiofiles' thread, one syscall.
+
+        Both counts matter: each trip, and each time the thread takes the GIL back after a
+        syscall, costs the event loop far more than the write itself (``bench/NOTES.md``,
+        third round), so records are not handed over one by one.
+        """
+        if not self._batched:
+            return
+        try:
+            await self._file.write(self._batch[: self._batched])
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise spool_full("the disk filled up while spooling the upload") from None
+            raise
+        self._stored += self._batched
+        self._batched = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The exact bytes appended, decrypted and authenticated record by record.
+
+        Each record is read on the event loop when the page cache holds it (``preadv`` with
+        ``RWF_NOWAIT``: the kernel answers from memory or says it would block, so the loop
+        never waits for the disk) and through a worker thread, a batch at a time, only when it
+        would. A body spooled moments ago is almost always still cached.
+        """
+        if not self.sealed or self._aead is None:
+            raise RuntimeError("read from an unsealed or closed spool file")
+        fd = self.fileno()
+        buffer = memoryview(bytearray(STORED_RECORD))  # reused for every cached read
+        index = 0
+        while index < self._records:
+            offset = index * STORED_RECORD
+            size = min(STORED_RECORD, self._stored - offset)
+            record = self._read_cached(fd, buffer[:size], offset)
+            if record is not None:
+                yield self._decrypt(index, record)  # decrypted before the generator pauses
+                index += 1
+                continue
+            count = min(BATCH_RECORDS, self._records - index)
+            batch = memoryview(await asyncio.to_thread(os.pread, fd, count * STORED_RECORD, offset))
+            for i in range(count):
+                yield self._decrypt(index + i, batch[i * STORED_RECORD : (i + 1) * STORED_RECORD])
+            index += count
+
+    def _read_cached(self, fd: int, into: memoryview, offset: int) -> memoryview | None:
+        """``into`` filled from the page cache, or None when that would block (or cannot be
+        asked: no ``RWF_NOWAIT`` on this platform or this filesystem, e.g. tmpfs)."""
+        if not self._nowait or _RWF_NOWAIT is None:
+            return None
+        try:
+            got = os.preadv(fd, [into], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False
+            return None
+        return into if got == len(into) else None
+
+    def _decrypt(self, index: int, record: memoryview) -> bytes:
+        assert self._aead is not None
+        last = index == self._records - 1
+        try:
+            return self._aead.decrypt(_nonce(index), record, _aad(index, last))
+        except InvalidTag:
+            raise RuntimeError(f"spool record {index} failed authentication") from None
+
+    async def aclose(self) -> None:
+        """Forget the key, release the buffers, close the descriptor; idempotent."""
+        self._aead = None
+        self._release_buffers()
+        handle, self._file = self._file, None
+        if handle is not None:
+            # Closing flushes what the buffer still holds; on a full disk that fails again.
+            # The file is unlinked and its bytes unwanted: the descriptor is closed regardless.
+            with contextlib.suppress(OSError):
+                await handle.close()
+
+
+def _create_unlinked(directory: str, path: str) -> BinaryIO:
+    """A new ``0600`` file (never through a planted symlink), already removed from ``directory``."""
+    if directory not in _MADE_DIRS:  # one makedirs per directory, not one per spill
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _MADE_DIRS.add(directory)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.unlink(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "w+b")
