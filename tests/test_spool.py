@@ -15,7 +15,7 @@ from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolBudget
 from gateway.spool_file import BATCH_RECORDS, LARGE_BATCH_RECORDS, RECORD_SIZE, TAG_SIZE, SpoolFile
 
-LARGE_BATCH_SHARE = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * (RECORD_SIZE + TAG_SIZE)
+LARGE_BATCH_EXTRA = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * (RECORD_SIZE + TAG_SIZE)
 
 
 def spool_fds(directory: Path) -> list[str]:
@@ -191,7 +191,7 @@ async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_b
     announced = Spool(config, budget, metrics, expected_size=1001)
     await announced.write(pattern(10))
     # on disk at once; the budget holds only its large write batch (returned when sealed)
-    assert announced.on_disk and budget.in_memory == LARGE_BATCH_SHARE
+    assert announced.on_disk and budget.in_memory == LARGE_BATCH_EXTRA
     assert spills(metrics) == {"budget": 0, "threshold": 0, "announced": 1}
     await announced.seal()
     assert budget.in_memory == 0
@@ -206,13 +206,13 @@ async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_b
 
 @pytest.mark.parametrize(
     ("memory_budget", "budget_room"),
-    [(0, 0), (4 * LARGE_BATCH_SHARE - 1, 0), (4 * LARGE_BATCH_SHARE, LARGE_BATCH_SHARE)],
+    [(0, 0), (8 * LARGE_BATCH_EXTRA - 1, 0), (8 * LARGE_BATCH_EXTRA, LARGE_BATCH_EXTRA)],
 )
 async def test_write_batches_use_the_memory_budget_only_while_it_has_room(
     tmp_path: Path, memory_budget: int, budget_room: int
 ) -> None:
     """A spilled body's records go to disk in batches: large ones (fewer trips to the writing
-    thread) only while a quarter of the memory budget has room for them, else small ones;
+    thread) only while an eighth of the memory budget has room for them, else small ones;
     the same bytes either way."""
     budget = SpoolBudget(10**9, memory_bytes=memory_budget)
     config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
