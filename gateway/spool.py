@@ -159,10 +159,10 @@ class Spool:
     def _batch_records(self) -> int:
         """Large write batches while the budget has room for them, else the minimum.
 
-        They may take only an eighth of the memory budget, so only a few uploads at a time have
-        one and memory stays flat however many are in flight (64 x 20 MB into one worker peaked
-        3 MiB higher with a quarter). The rest stays for small bodies, for which memory saves
-        the whole trip through the disk, not just some thread trips.
+        They may take only an eighth of the memory budget (with the default, 16 uploads at a
+        time), so memory stays flat however many are in flight (64 x 20 MB into one worker
+        peaked 3 MiB higher with a quarter). The rest stays for small bodies, for which memory
+        saves the whole trip through the disk, not just some thread trips.
         """
         budget = self._budget
         keep_free = budget.memory_bytes - budget.memory_bytes // _LARGE_BATCH_SHARE

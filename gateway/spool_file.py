@@ -38,10 +38,10 @@ LOGGER = logging.getLogger("upload_gateway.spool")
 RECORD_SIZE = 64 * 1024
 TAG_SIZE = 16
 STORED_RECORD = RECORD_SIZE + TAG_SIZE  # one record on disk
-# Records per disk write: 256 KiB, or 1 MiB when the spool's memory budget has room for it
+# Records per disk write: 256 KiB, or 512 KiB when the spool's memory budget has room for it
 # (Spool decides). Also the records per read when the page cache no longer holds them.
 BATCH_RECORDS = 4
-LARGE_BATCH_RECORDS = 16
+LARGE_BATCH_RECORDS = 8
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _MADE_DIRS: set[str] = set()
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
