@@ -31,10 +31,10 @@ from aiohttp import web
 from bench import payloads
 from bench.peers import SIGNING_KEY, GatewayVariant, gateway_config, issue_secret
 from bench.stack import BENCH, Stack
-from gateway.app import build_app, build_state
+from gateway.app import build_state
 from gateway.config import load_config
 from gateway.config.model import Config
-from gateway.protocol import GatewayRunner, ProtocolOptions
+from gateway.server import proxy_runner
 
 PASS_PATH = "/not-an-upload-route/4711/objects"
 
@@ -55,8 +55,7 @@ async def _measure(
     config: Config, body: Path, headers: Path, seconds: float, profile: bool
 ) -> dict[str, tuple[int, pstats.Stats | None]]:
     state = build_state(config)
-    options = ProtocolOptions(header_timeout=10, metrics=state.metrics)
-    runner = GatewayRunner(build_app(state), options, handle_signals=False, access_log=None)
+    runner = proxy_runner(state, config)  # the listener exactly as a worker sets it up
     await runner.setup()
     await web.TCPSite(runner, config.listen.host, config.listen.port).start()
     base = f"http://{config.listen.host}:{config.listen.port}"

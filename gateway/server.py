@@ -70,11 +70,10 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def serve_worker(config_path: str, config: Config) -> None:
-    """One worker: the proxy and admin listeners, until SIGTERM/SIGINT."""
-    state = build_state(config)
+def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
+    """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
     options = ProtocolOptions(header_timeout=config.server.header_timeout, metrics=state.metrics)
-    runner = GatewayRunner(
+    return GatewayRunner(
         build_app(state),
         options,
         handle_signals=False,
@@ -89,10 +88,16 @@ async def serve_worker(config_path: str, config: Config) -> None:
         shutdown_timeout=DRAIN_CANCEL_TIMEOUT,
         # Body bytes aiohttp buffers per connection before it stops reading the socket (it
         # pauses past twice this, after the read that crossed it): with 64 uploads arriving at
-        # once, its 64 KiB default held ~25 MiB of one worker's peak (tracemalloc); 32 KiB
-        # took 16 MiB off that peak, throughput unchanged within noise (bench/NOTES.md).
+        # once, its 64 KiB default held ~25 MiB of one worker's peak (tracemalloc); 32 KiB took
+        # 8-16 MiB off that peak, at a throughput price within the bench's noise (NOTES.md).
         read_bufsize=READ_BUFFER,
     )
+
+
+async def serve_worker(config_path: str, config: Config) -> None:
+    """One worker: the proxy and admin listeners, until SIGTERM/SIGINT."""
+    state = build_state(config)
+    runner = proxy_runner(state, config)
     admin_runner = web.AppRunner(build_admin_app(state), handle_signals=False, access_log=None)
     await runner.setup()
     await admin_runner.setup()
