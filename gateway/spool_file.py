@@ -91,7 +91,11 @@ class SpoolFile:
             # it is the same fact: there is no room to hold the upload (SPEC §5: 507).
             LOGGER.error("cannot create a spool file in %s: %s", directory, exc.strerror)
             raise spool_full("the gateway cannot write its spool; try again shortly") from None
-        return cls(raw, batch_records)
+        try:
+            return cls(raw, batch_records)
+        except BaseException:
+            raw.close()  # e.g. no memory for the buffers: the descriptor must not outlive this
+            raise
 
     def fileno(self) -> int:
         return int(self._file.fileno())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -282,3 +283,19 @@ async def test_closed_spool_cannot_be_used(tmp_path: Path) -> None:
         await spool.write(b"x")
     with pytest.raises(RuntimeError):
         await read_all(spool)
+
+
+async def test_no_descriptor_survives_a_spill_that_cannot_get_its_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*_: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(mmap, "mmap", no_memory)  # spool_file maps its buffers with it
+    budget = SpoolBudget(10**9)
+    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9), budget)
+    with pytest.raises(MemoryError):
+        await spool.write(b"x" * 100)
+    await spool.aclose()
+    assert spool_fds(tmp_path) == [] and os.listdir(tmp_path) == []
+    assert budget.used == 0 and budget.in_memory == 0
