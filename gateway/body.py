@@ -15,10 +15,10 @@ from aiohttp import StreamReader
 
 from gateway.errors import GatewayError
 
-# Bounded, and no larger than aiohttp's read buffer (64 KiB): read(n) raises the connection's
-# buffer to n (pausing only past 2n), and readany() joins everything buffered. 64 concurrent 20 MB
-# uploads into one worker peaked at 145 MiB RSS with 64 KiB reads, 163 with 256 KiB and 258 with
-# readany(); the larger reads were at most ~15 % faster on 20 MB bodies (make bench, quick runs).
+# Bounded, because aiohttp's read(n) raises the connection's buffer to n (pausing the socket
+# only past 2n), and readany() joins everything buffered. 64 concurrent 20 MB uploads into one
+# worker peaked at 145 MiB RSS with 64 KiB reads, 163 with 256 KiB and 258 with readany(); the
+# larger reads were at most ~15 % faster on 20 MB bodies (make bench, quick runs, session 2).
 READ_CHUNK = 64 * 1024
 # A body announced small enough to be held in memory anyway (spool.memory_threshold) is read in
 # larger pieces: a bigger aiohttp buffer costs it nothing it would not hold regardless, and a

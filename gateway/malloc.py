@@ -1,11 +1,13 @@
 """How a worker's C heap is arranged, so its memory follows the uploads in flight.
 
-glibc gives each thread that allocates its own malloc arena (up to 8 per core). The spool's file
-I/O runs in a thread pool, so buffers are allocated in one arena and freed from another, and
-every arena keeps its own free pages: after a burst of large uploads a worker's RSS stays tens
-of MiB above what is alive. One arena for the whole process removes that (measured with
-``make bench``, 64 concurrent 20 MB uploads into one worker: peak RSS 178 -> 145 MiB, with the
-same throughput; the pool threads still allocate from their per-thread caches first).
+glibc gives each thread that allocates its own malloc arena (up to 8 per core). Work that runs
+in the thread pool (spool writes, libmagic on large heads, the fallback spool reads) allocates in
+one arena what the event loop frees into another, and every arena keeps its own free pages.
+With the spool of session 2, whose read buffers came from pool threads, one arena took the
+peak RSS of 64 concurrent 20 MB uploads into one worker from 178 to 145 MiB at the same
+throughput. Since the spool writes from its own mapping and reads on the event loop
+(``spool_file.py``) the pool allocates little, and the difference is inside the run-to-run
+noise (134-155 MiB either way, ``bench/NOTES.md``); the cap is kept because it costs nothing.
 """
 
 from __future__ import annotations

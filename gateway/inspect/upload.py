@@ -79,10 +79,10 @@ class InspectedUpload:
             return pieces[0]
         return _each(pieces)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The exact bytes as received (decrypted from the spool file if it spilled)."""
-        async for chunk in self._spool.chunks():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The exact bytes as received (decrypted from the spool file if it spilled): the
+        spool's own iterator, not one more generator for every chunk to pass through."""
+        return self._spool.chunks()
 
     async def aclose(self) -> None:
         """Releases the spool; idempotent."""
