@@ -4,6 +4,14 @@ Like tusd's ``bodyReader``: the body is wrapped once, and that one place counts 
 the idle timeout (a client that stops sending gets 408, not a worker held forever) and remembers
 why reading stopped, so the handler can tell "client too slow" from "backend failed" even when
 the error surfaced inside aiohttp's client while it was sending the body on.
+
+Chunks are the pieces aiohttp's parser buffered, taken whole (``readchunk``): no slice, no join,
+no copy. Their size is bounded by the transport's read size (256 KiB with uvloop), not by the
+client, and the connection's buffer by ``read_bufsize`` (``server.py``): aiohttp pauses the
+socket past twice that. ``read(n)`` sliced every piece into new ``n``-byte objects and raised the
+buffer limit to ``n``; against it, 64 x 20 MB into one worker: peak RSS 123 instead of 134-155
+MiB, 432 instead of 328-348 MiB/s, and 46 instead of 53 ms of CPU per 20 MB upload
+(``bench/NOTES.md``, fourth round).
 """
 
 from __future__ import annotations
@@ -15,26 +23,19 @@ from aiohttp import StreamReader
 
 from gateway.errors import GatewayError
 
-# Bounded, because aiohttp's read(n) raises the connection's buffer to n (pausing the socket
-# only past 2n), and readany() joins everything buffered. 64 concurrent 20 MB uploads into one
-# worker peaked at 145 MiB RSS with 64 KiB reads, 163 with 256 KiB and 258 with readany(); the
-# larger reads were at most ~15 % faster on 20 MB bodies (make bench, quick runs, session 2).
-READ_CHUNK = 64 * 1024
-# A body announced small enough to be held in memory anyway (spool.memory_threshold) is read in
-# larger pieces: a bigger aiohttp buffer costs it nothing it would not hold regardless, and a
-# 1 MB upload takes 4 trips through the inspection instead of 16.
-SMALL_BODY_READ = 256 * 1024
-
 
 class BodyStream:
-    """Iterate once; ``received`` counts bytes read so far, ``error`` is why it stopped early."""
+    """Iterate once; ``received`` counts bytes read so far, ``error`` is why it stopped early.
 
-    def __init__(
-        self, content: StreamReader, idle_timeout: float, read_size: int = READ_CHUNK
-    ) -> None:
+    ``chunked``: the body comes in HTTP chunks, and ``readchunk`` would stop at each of them;
+    a client sending one-byte chunks would make every byte a pass through the inspection. Such
+    a body is read with ``readany``, which joins what is buffered.
+    """
+
+    def __init__(self, content: StreamReader, idle_timeout: float, chunked: bool = False) -> None:
         self._content = content
         self._idle_timeout = idle_timeout
-        self._read_size = read_size
+        self._chunked = chunked
         self.received = 0
         self.error: BaseException | None = None
 
@@ -45,7 +46,7 @@ class BodyStream:
         """The next chunk, ``b""`` at the end; raises 408 when the client stalls."""
         try:
             async with asyncio.timeout(self._idle_timeout):
-                chunk = await self._content.read(self._read_size)
+                chunk = await self._next_piece()
         except TimeoutError as exc:
             self.error = GatewayError(
                 "body_timeout",
@@ -56,6 +57,12 @@ class BodyStream:
             self.error = exc
             raise
         self.received += len(chunk)
+        return chunk
+
+    async def _next_piece(self) -> bytes:
+        if self._chunked:
+            return await self._content.readany()
+        chunk, _ = await self._content.readchunk()  # no HTTP chunks: never an empty non-end
         return chunk
 
     async def _chunks(self) -> AsyncIterator[bytes]:

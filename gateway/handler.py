@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.accesslog import RequestRecord, log_request
 from gateway.auth.authenticator import Identity
-from gateway.body import READ_CHUNK, SMALL_BODY_READ, BodyStream
+from gateway.body import BodyStream
 from gateway.config.model import Config
 from gateway.cors import add_cors_headers, is_preflight
 from gateway.errors import GatewayError, problem_response
@@ -101,12 +101,7 @@ async def _upload(
     record.route, record.channel = target.route, target.channel
     precheck_upload(request.headers, target, identity.claims, config)
     await _send_continue(request)
-    small = request.content_length is not None and (
-        request.content_length <= config.spool.memory_threshold
-    )
-    body = BodyStream(
-        request.content, config.server.body_timeout, SMALL_BODY_READ if small else READ_CHUNK
-    )
+    body = _body_stream(request, config)
     state.metrics.inflight_uploads.inc()
     try:
         upload = await inspect_upload(
@@ -180,9 +175,12 @@ class _CountedBody:
 
 
 def _body(request: web.Request, config: Config) -> BodyStream | None:
-    if not request.body_exists:
-        return None
-    return BodyStream(request.content, config.server.body_timeout)
+    return _body_stream(request, config) if request.body_exists else None
+
+
+def _body_stream(request: web.Request, config: Config) -> BodyStream:
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return BodyStream(request.content, config.server.body_timeout, chunked)
 
 
 def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:

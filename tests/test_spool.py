@@ -14,9 +14,17 @@ from gateway.config.model import SpoolConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolBudget
-from gateway.spool_file import BATCH_RECORDS, LARGE_BATCH_RECORDS, RECORD_SIZE, TAG_SIZE, SpoolFile
+from gateway.spool_file import (
+    BATCH_RECORDS,
+    LARGE_BATCH_RECORDS,
+    MAX_RECORD,
+    MIN_RECORD,
+    STORED_RECORD,
+    TAG_SIZE,
+    SpoolFile,
+)
 
-LARGE_BATCH_EXTRA = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * (RECORD_SIZE + TAG_SIZE)
+LARGE_BATCH_EXTRA = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * STORED_RECORD
 
 
 def spool_fds(directory: Path) -> list[str]:
@@ -59,14 +67,14 @@ def pattern(size: int) -> bytes:
         999,
         1000,
         1001,
-        RECORD_SIZE - 1,
-        RECORD_SIZE,
-        RECORD_SIZE + 1,
-        3 * RECORD_SIZE,
-        3 * RECORD_SIZE + 17,
+        MAX_RECORD - 1,
+        MAX_RECORD,
+        MAX_RECORD + 1,
+        3 * MAX_RECORD,
+        3 * MAX_RECORD + 17,
     ],
 )
-@pytest.mark.parametrize("chunk", [1000, 65536, 100_000])
+@pytest.mark.parametrize("chunk", [1000, MIN_RECORD - 1, 65536, 100_000])
 async def test_round_trip_is_exact(tmp_path: Path, size: int, chunk: int) -> None:
     data = pattern(size)
     spool = Spool(
@@ -83,7 +91,7 @@ async def test_round_trip_is_exact(tmp_path: Path, size: int, chunk: int) -> Non
 
 
 async def test_the_file_is_private_unlinked_and_holds_no_plaintext(tmp_path: Path) -> None:
-    data = pattern(5 * RECORD_SIZE + 3)
+    data = pattern(5 * MAX_RECORD + 3)
     spool = Spool(
         SpoolConfig(str(tmp_path), memory_threshold=1024, max_bytes=10**9), SpoolBudget(10**9)
     )
@@ -107,7 +115,7 @@ async def test_the_file_is_private_unlinked_and_holds_no_plaintext(tmp_path: Pat
 
 @pytest.mark.parametrize("damage", ["flip", "truncate_record", "swap"])
 async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
-    data = pattern(3 * RECORD_SIZE + 10)
+    data = pattern(3 * MAX_RECORD + 10)
     spool = Spool(
         SpoolConfig(str(tmp_path), memory_threshold=10, max_bytes=10**9), SpoolBudget(10**9)
     )
@@ -116,13 +124,13 @@ async def test_tampering_is_detected(tmp_path: Path, damage: str) -> None:
     path = f"/proc/self/fd/{spool.fileno()}"
     with open(path, "rb") as raw:
         cipher = bytearray(raw.read())
-    record = RECORD_SIZE + TAG_SIZE
+    record = STORED_RECORD
     if damage == "flip":
         cipher[100] ^= 1
     elif damage == "truncate_record":  # drop the last record: the one before is not "last"
         cipher = cipher[: 3 * record]
         assert spool._file is not None
-        spool._file._records -= 1
+        spool._file._sizes.pop()
     else:
         cipher[:record], cipher[record : 2 * record] = cipher[record : 2 * record], cipher[:record]
     with open(path, "r+b") as raw:
@@ -219,7 +227,7 @@ async def test_write_batches_use_the_memory_budget_only_while_it_has_room(
     config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
     spool = Spool(config, budget)
     written: list[int] = []
-    data = pattern(40 * RECORD_SIZE + 5)
+    data = pattern(40 * MAX_RECORD + 5)
     await spool.write(data[:1])
     assert spool._file is not None
     aiofile = spool._file._file
@@ -235,12 +243,42 @@ async def test_write_batches_use_the_memory_budget_only_while_it_has_room(
     assert budget.in_memory == budget_room  # a large batch takes the budget's share, or none
     await spool.seal()
     assert budget.in_memory == 0
-    records = LARGE_BATCH_RECORDS if budget_room else BATCH_RECORDS
-    assert max(written) == records * (RECORD_SIZE + TAG_SIZE)
-    assert len(written) == -(-41 // records)  # 41 records, one write per full batch
+    capacity = (LARGE_BATCH_RECORDS if budget_room else BATCH_RECORDS) * STORED_RECORD
+    # A batch is written when the next record would not fit: every write but the last is full
+    # to within one record; all of them together are the ciphertext.
+    assert all(capacity - STORED_RECORD < size <= capacity for size in written[:-1])
+    assert sum(written) == len(data) + TAG_SIZE * len(spool._file._sizes)
     assert await read_all(spool) == data
     await spool.aclose()
     assert spool_fds(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("chunks", "records"),
+    [
+        ([50_000] * 3, [50_000] * 3 + [0]),  # the last record may be empty
+        ([2 * MAX_RECORD + 5], [MAX_RECORD, MAX_RECORD, 5]),
+        ([7] * 5000, [MIN_RECORD, MIN_RECORD, 35_000 - 2 * MIN_RECORD]),
+        ([10, MAX_RECORD], [MIN_RECORD, MAX_RECORD + 10 - MIN_RECORD, 0]),
+    ],
+)
+async def test_records_follow_the_chunks_and_small_pieces_are_gathered(
+    tmp_path: Path, chunks: list[int], records: list[int]
+) -> None:
+    """Each chunk becomes one record, encrypted where it lies (cut at MAX_RECORD); a client
+    sending tiny pieces gets records of MIN_RECORD, so the tags add 0.1 % on disk, not 16
+    bytes per piece."""
+    data = pattern(sum(chunks))
+    spool = Spool(SpoolConfig(str(tmp_path), memory_threshold=0), SpoolBudget(10**9))
+    start = 0
+    for size in chunks:
+        await spool.write(data[start : start + size])
+        start += size
+    await spool.seal()
+    assert spool._file is not None and spool._file._sizes == records
+    assert os.fstat(spool._file.fileno()).st_size == len(data) + TAG_SIZE * len(records)
+    assert await read_all(spool) == data
+    await spool.aclose()
 
 
 async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
@@ -250,7 +288,7 @@ async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
     supports it); a record it does not hold (simulated: as if the kernel answered EAGAIN) is
     read by a worker thread, a batch at a time. Same bytes either way."""
     config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
-    data = pattern(9 * RECORD_SIZE + 77)
+    data = pattern(9 * MAX_RECORD + 77)
     spool = Spool(config, SpoolBudget(10**9))
     await spool.write(data)
     assert await read_all(spool) == data
