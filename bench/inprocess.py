@@ -7,7 +7,7 @@ this process's CPU time by the requests answered. With ``--profile`` it also run
 the event-loop thread's CPU clock, so waiting for a core does not count) and prints, per
 function, the difference in own time per request between the two paths.
 
-    .venv/bin/python -m bench.inprocess [--size 10KB] [--seconds 5] [--profile]
+    .venv/bin/python -m bench.inprocess [--size 10KB] [--conns 16] [--seconds 5] [--profile]
 
 It starts its own redis-server and sink, in ``bench/work/inprocess/``, and stops them at the end.
 """
@@ -39,10 +39,10 @@ from gateway.server import proxy_runner
 PASS_PATH = "/not-an-upload-route/4711/objects"
 
 
-async def _wrk(url: str, body: Path, headers: Path, seconds: float) -> int:
-    """Completed 200 responses of one wrk run (16 connections, one thread)."""
+async def _wrk(url: str, body: Path, headers: Path, seconds: float, conns: int) -> int:
+    """Completed 200 responses of one wrk run (one thread)."""
     proc = await asyncio.create_subprocess_exec(
-        "wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(BENCH / "upload.lua"), url, "--",
+        "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "-s", str(BENCH / "upload.lua"), url, "--",
         str(body), str(headers), stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
@@ -52,7 +52,7 @@ async def _wrk(url: str, body: Path, headers: Path, seconds: float) -> int:
 
 
 async def _measure(
-    config: Config, body: Path, headers: Path, seconds: float, profile: bool
+    config: Config, body: Path, headers: Path, seconds: float, conns: int, profile: bool
 ) -> dict[str, tuple[int, pstats.Stats | None]]:
     state = build_state(config)
     runner = proxy_runner(state, config)  # the listener exactly as a worker sets it up
@@ -62,14 +62,14 @@ async def _measure(
     results: dict[str, tuple[int, pstats.Stats | None]] = {}
     try:
         for path in (payloads.UPLOAD_PATH, PASS_PATH):  # warm both paths first
-            await _wrk(base + path, body, headers, 1)
+            await _wrk(base + path, body, headers, 1, conns)
         for name, path in (("upload", payloads.UPLOAD_PATH), ("pass-through", PASS_PATH)):
             # CPU time of this (the event-loop) thread: wall time would count waiting for a core
             profiler = cProfile.Profile(time.thread_time) if profile else None
             began = resource.getrusage(resource.RUSAGE_SELF)
             if profiler is not None:
                 profiler.enable()
-            done = await _wrk(base + path, body, headers, seconds)
+            done = await _wrk(base + path, body, headers, seconds, conns)
             if profiler is not None:
                 profiler.disable()
             results[name] = (done, pstats.Stats(profiler) if profiler else None)
@@ -118,6 +118,7 @@ def _own_time_delta(upload: tuple[int, pstats.Stats], passing: tuple[int, pstats
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", default="10KB", choices=sorted(payloads.SIZES))
+    parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -139,7 +140,7 @@ def main() -> None:
             f"Content-Type: {payloads.CONTENT_TYPE}\nAuthorization: Bearer {secret}\n"
         )
         config = load_config(str(config_file))
-        results = uvloop.run(_measure(config, body, headers, args.seconds, args.profile))
+        results = uvloop.run(_measure(config, body, headers, args.seconds, args.conns, args.profile))
         (done_a, upload), (done_b, passing) = results["upload"], results["pass-through"]
         if upload is not None and passing is not None:
             _own_time_delta((done_a, upload), (done_b, passing))
