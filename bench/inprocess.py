@@ -140,7 +140,9 @@ def main() -> None:
             f"Content-Type: {payloads.CONTENT_TYPE}\nAuthorization: Bearer {secret}\n"
         )
         config = load_config(str(config_file))
-        results = uvloop.run(_measure(config, body, headers, args.seconds, args.conns, args.profile))
+        results = uvloop.run(
+            _measure(config, body, headers, args.seconds, args.conns, args.profile)
+        )
         (done_a, upload), (done_b, passing) = results["upload"], results["pass-through"]
         if upload is not None and passing is not None:
             _own_time_delta((done_a, upload), (done_b, passing))

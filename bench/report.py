@@ -96,7 +96,9 @@ def _get(med: Medians, peer: str, cell: str, key: str) -> float | None:
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
+    """Unrounded: a verdict is taken on the ratio itself (0.995 is not >= 1.0); only the
+    figures shown are rounded."""
+    return a / b if a is not None and b else None
 
 
 def targets(
@@ -109,7 +111,7 @@ def targets(
         out.append(
             {
                 "target": name,
-                "figure": figure,
+                "figure": None if figure is None else round(figure, 3),
                 "goal": goal,
                 "met": None if figure is None else ok,
                 "detail": how,
@@ -169,7 +171,7 @@ def targets(
             _get(med, "gateway-w2", f"{size}/c16", "mib_per_s"),
             _get(med, "gateway-pass-w2", f"{size}/c16", "mib_per_s"),
         )
-        cost = None if r is None else round(100 * (1 - r), 1)
+        cost = None if r is None else 100 * (1 - r)
         add(
             f"issue 4: inspection+spool+encryption cost, {size}, 16 conns",
             cost,

@@ -6,9 +6,10 @@ why reading stopped, so the handler can tell "client too slow" from "backend fai
 the error surfaced inside aiohttp's client while it was sending the body on.
 
 Chunks are the pieces aiohttp's parser buffered, taken whole (``readchunk``): no slice, no join,
-no copy. Their size is bounded by the transport's read size (256 KiB with uvloop), not by the
-client, and the connection's buffer by ``read_bufsize`` (``server.py``): aiohttp pauses the
-socket past twice that. ``read(n)`` sliced every piece into new ``n``-byte objects and raised the
+no copy. Their size is bounded by the transport, not by the client: uvloop reads at most 256 KiB
+from a TCP socket, and its TLS layer hands over what it decrypted while the reader was paused
+(~480 KiB seen); aiohttp pauses the socket once more than twice ``read_bufsize`` (``server.py``)
+waits unread. ``read(n)`` sliced every piece into new ``n``-byte objects and raised the
 buffer limit to ``n``; against it, 64 x 20 MB into one worker: peak RSS 123 instead of 134-155
 MiB, 432 instead of 328-348 MiB/s, and 46 instead of 53 ms of CPU per 20 MB upload
 (``bench/NOTES.md``, fourth round).
@@ -29,7 +30,8 @@ class BodyStream:
 
     ``chunked``: the body comes in HTTP chunks, and ``readchunk`` would stop at each of them;
     a client sending one-byte chunks would make every byte a pass through the inspection. Such
-    a body is read with ``readany``, which joins what is buffered.
+    a body is read with ``readany``, which joins what is buffered. Should the flag ever be wrong,
+    nothing is lost: an HTTP chunk's end is never taken for the body's (``_next_piece``).
     """
 
     def __init__(self, content: StreamReader, idle_timeout: float, chunked: bool = False) -> None:
@@ -62,8 +64,13 @@ class BodyStream:
     async def _next_piece(self) -> bytes:
         if self._chunked:
             return await self._content.readany()
-        chunk, _ = await self._content.readchunk()  # no HTTP chunks: never an empty non-end
-        return chunk
+        while True:
+            chunk, http_chunk_end = await self._content.readchunk()
+            # (b"", True) is the end of an HTTP chunk whose data was already read, not of the
+            # body; only (b"", False) is. Taking the first for the second would forward a body
+            # cut short, well-formed and silently (a wrong ``chunked`` flag).
+            if chunk or not http_chunk_end:
+                return chunk
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk():

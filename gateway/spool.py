@@ -159,7 +159,7 @@ class Spool:
     def _batch_records(self) -> int:
         """Large write batches while the budget has room for them, else the minimum.
 
-        They may take only an eighth of the memory budget (with the default, 16 uploads at a
+        They may take only an eighth of the memory budget (with the default, 15 uploads at a
         time), so memory stays flat however many are in flight (64 x 20 MB into one worker
         peaked 3 MiB higher with a quarter). The rest stays for small bodies, for which memory
         saves the whole trip through the disk, not just some thread trips.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
+import pytest
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
@@ -15,6 +17,15 @@ def reader() -> StreamReader:
     """A reader fed by hand, with a limit high enough that it never pauses a transport."""
     loop = asyncio.get_running_loop()
     return StreamReader(BaseProtocol(loop), 2**24, loop=loop)
+
+
+async def connected_reader() -> tuple[StreamReader, socket.socket]:
+    """A reader whose protocol sits on a real (idle) socket: a read that has to wait for data
+    needs a live connection. Close the returned peer socket when done."""
+    loop = asyncio.get_running_loop()
+    ours, peer = socket.socketpair()
+    _, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), ours)
+    return StreamReader(protocol, 2**24, loop=loop), peer
 
 
 async def test_buffered_pieces_come_whole_and_uncopied() -> None:
@@ -47,3 +58,27 @@ async def test_tiny_http_chunks_are_joined_not_read_one_by_one() -> None:
     assert b"".join(got) == data and len(got) == 1
     per_chunk = [chunk async for chunk in BodyStream(chunked_reader(), idle_timeout=5)]
     assert b"".join(per_chunk) == data and len(per_chunk) == len(data)  # why the flag exists
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_an_http_chunk_ending_after_its_data_was_read_is_not_the_end_of_the_body(
+    chunked: bool,
+) -> None:
+    """A chunk's data and its closing CRLF may arrive in different reads: the chunk's end then
+    comes on its own, after its data was taken. That is not the body's end, whichever way the
+    body is read; taking it for one would forward a body cut short."""
+    content, peer = await connected_reader()
+    content.begin_http_chunk_receiving()
+    body = BodyStream(content, idle_timeout=5, chunked=chunked)
+    content.feed_data(b"hello")
+    assert await body.read_chunk() == b"hello"
+    reading = asyncio.ensure_future(body.read_chunk())
+    await asyncio.sleep(0)
+    content.end_http_chunk_receiving()  # the CRLF after "hello" arrives alone
+    content.feed_data(b"world")
+    content.end_http_chunk_receiving()
+    content.feed_eof()
+    assert await reading == b"world"
+    assert await body.read_chunk() == b""
+    assert body.received == 10
+    peer.close()

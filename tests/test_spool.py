@@ -275,7 +275,7 @@ async def test_records_follow_the_chunks_and_small_pieces_are_gathered(
         await spool.write(data[start : start + size])
         start += size
     await spool.seal()
-    assert spool._file is not None and spool._file._sizes == records
+    assert spool._file is not None and list(spool._file._sizes) == records
     assert os.fstat(spool._file.fileno()).st_size == len(data) + TAG_SIZE * len(records)
     assert await read_all(spool) == data
     await spool.aclose()
@@ -311,6 +311,35 @@ async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
     file._read_cached = sometimes_cached  # type: ignore[method-assign]
     assert await read_all(spool) == data
     assert thread_reads[0] == 0 and len(thread_reads) >= 2
+    await spool.aclose()
+
+
+async def test_thread_reads_take_small_records_a_batch_of_bytes_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the page cache does not hold them, a slow client's small records are read back
+    as many per thread trip as fit in a write batch's bytes, not one trip each."""
+    config = SpoolConfig(str(tmp_path), memory_threshold=0, max_bytes=10**9)
+    data = pattern(40 * MIN_RECORD + 5)
+    spool = Spool(config, SpoolBudget(10**9))
+    for start in range(0, len(data), MIN_RECORD):
+        await spool.write(data[start : start + MIN_RECORD])
+    file = spool._file
+    assert file is not None
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counted_pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append(size)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counted_pread)
+    file._read_cached = lambda *_: None  # type: ignore[method-assign]
+    assert await read_all(spool) == data
+    capacity = BATCH_RECORDS * STORED_RECORD
+    assert all(capacity - STORED_RECORD < size <= capacity for size in reads[:-1])
+    assert sum(reads) == len(data) + TAG_SIZE * len(file._sizes)
+    assert len(reads) < len(file._sizes) // 10
     await spool.aclose()
 
 
