@@ -23,7 +23,6 @@ import array
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
 import mmap
 import os
@@ -237,15 +236,14 @@ class SpoolFile:
     def _thread_batch(self, index: int) -> list[int]:
         """Stored sizes of the records from ``index`` that one thread read takes: as many as
         fit in a write batch's bytes (at least one), so small records cost no more trips."""
-        sizes: list[int] = []
-        total = 0
-        for plain in itertools.islice(self._sizes, index, None):
-            size = plain + TAG_SIZE
-            if sizes and total + size > BATCH_RECORDS * STORED_RECORD:
+        end, total = index, 0
+        while end < len(self._sizes):
+            size = self._sizes[end] + TAG_SIZE
+            if end > index and total + size > BATCH_RECORDS * STORED_RECORD:
                 break
-            sizes.append(size)
             total += size
-        return sizes
+            end += 1
+        return [plain + TAG_SIZE for plain in self._sizes[index:end]]
 
     def _read_cached(self, fd: int, into: memoryview, offset: int) -> memoryview | None:
         """``into`` filled from the page cache, or None when that would block (or cannot be
