@@ -54,6 +54,20 @@ def spills(metrics: Metrics) -> dict[str, float]:
     }
 
 
+def count_thread_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(offset, size) of every read the spool makes in a worker thread (``os.pread``), from
+    now on; reads on the event loop use ``os.preadv`` and are not counted."""
+    reads: list[tuple[int, int]] = []
+    real_pread = os.pread
+
+    def counted_pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append((offset, size))
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counted_pread)
+    return reads
+
+
 def pattern(size: int) -> bytes:
     unit = b"plaintext-secret-pattern-0123456789;"
     return (unit * (size // len(unit) + 1))[:size]
@@ -292,14 +306,7 @@ async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
     spool = Spool(config, SpoolBudget(10**9))
     await spool.write(data)
     assert await read_all(spool) == data
-    thread_reads: list[int] = []
-    real_pread = os.pread
-
-    def counted_pread(fd: int, size: int, offset: int) -> bytes:
-        thread_reads.append(offset)
-        return real_pread(fd, size, offset)
-
-    monkeypatch.setattr(os, "pread", counted_pread)
+    thread_reads = count_thread_reads(monkeypatch)
     misses = iter([True, False, True, True])
 
     file = spool._file
@@ -310,7 +317,7 @@ async def test_spool_reads_come_from_the_page_cache_or_from_a_thread(
 
     file._read_cached = sometimes_cached  # type: ignore[method-assign]
     assert await read_all(spool) == data
-    assert thread_reads[0] == 0 and len(thread_reads) >= 2
+    assert thread_reads[0] == (0, STORED_RECORD) and len(thread_reads) >= 2
     await spool.aclose()
 
 
@@ -326,16 +333,10 @@ async def test_thread_reads_take_small_records_a_batch_of_bytes_at_a_time(
         await spool.write(data[start : start + MIN_RECORD])
     file = spool._file
     assert file is not None
-    reads: list[int] = []
-    real_pread = os.pread
-
-    def counted_pread(fd: int, size: int, offset: int) -> bytes:
-        reads.append(size)
-        return real_pread(fd, size, offset)
-
-    monkeypatch.setattr(os, "pread", counted_pread)
+    thread_reads = count_thread_reads(monkeypatch)
     file._read_cached = lambda *_: None  # type: ignore[method-assign]
     assert await read_all(spool) == data
+    reads = [size for _, size in thread_reads]
     capacity = BATCH_RECORDS * STORED_RECORD
     assert all(capacity - STORED_RECORD < size <= capacity for size in reads[:-1])
     assert sum(reads) == len(data) + TAG_SIZE * len(file._sizes)
