@@ -64,14 +64,23 @@ class BodyStream:
     async def _next_piece(self) -> bytes:
         if self._chunked:
             return await self._content.readany()
-        while True:
-            chunk, http_chunk_end = await self._content.readchunk()
-            # (b"", True) is the end of an HTTP chunk whose data was already read, not of the
-            # body; only (b"", False) is. Taking the first for the second would forward a body
-            # cut short, well-formed and silently (a wrong ``chunked`` flag).
-            if chunk or not http_chunk_end:
-                return chunk
+        return await next_piece(self._content)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk():
             yield chunk
+
+
+async def next_piece(content: StreamReader) -> bytes:
+    """The next piece ``content`` buffered, whole; ``b""`` only at the end of the body.
+
+    ``readchunk`` also answers ``(b"", True)``: the end of an HTTP chunk whose data was already
+    read, not of the body. Taking it for the body's end would pass on a body cut short,
+    well-formed and silently (a wrong ``chunked`` flag), so it is read past, unless the reader
+    is at its end: aiohttp's one shared reader for bodiless messages answers ``(b"", True)``
+    forever once anyone has read it, and looping on it would hang the worker.
+    """
+    while True:
+        chunk, http_chunk_end = await content.readchunk()
+        if chunk or not http_chunk_end or content.at_eof():
+            return chunk

@@ -472,3 +472,33 @@ async def test_report_mode_lets_a_would_be_rejection_through_and_counts_it(
         assert backend_proc.records() == []
     finally:
         reporting.stop()
+
+
+async def test_empty_bodies_are_answered_every_time(
+    gateway: GatewayProc, backend: BackendProc, api_key: str
+) -> None:
+    """Requests without a body share aiohttp's one empty reader, whose ``readchunk`` answers
+    "end of body" only the first time it is ever asked and "end of an HTTP chunk" after that:
+    a reader looping until the body's end must not spin on it (one empty upload would hang the
+    worker). Asked again and again, an empty multipart upload is refused (400, no closing
+    boundary; the backend gets nothing), an empty raw upload (an empty file, which this
+    channel lets an agent send) arrives empty, and an empty pass-through request too."""
+    secret = mint(gateway, api_key, "role=agent")
+    auth = {"Authorization": f"Bearer {secret}"}
+    multipart_type = "multipart/form-data; boundary=b0undary"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        for _ in range(3):
+            headers = {**auth, "Content-Type": multipart_type}
+            async with s.post(gateway.url + UPLOAD, data=b"", headers=headers) as r:
+                assert r.status == 400 and (await r.json(content_type=None))["code"] == (
+                    "malformed_request"
+                )
+            assert backend.records() == []
+            headers = {**auth, "Content-Type": "application/octet-stream"}
+            async with s.post(gateway.url + UPLOAD, data=b"", headers=headers) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(gateway.url + "/t/status/200", data=b"", headers=auth) as r:
+                assert r.status == 200
+            assert [rec["length"] for rec in backend.records()] == [0, 0]
+            backend.clear()
+    assert_no_spool_left(gateway)
