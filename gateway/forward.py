@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.body import next_piece
 from gateway.config.model import BackendConfig
 from gateway.errors import GatewayError
 from gateway.headers import end_to_end
@@ -154,7 +155,7 @@ class Forwarder:
             response.enable_chunked_encoding()
         await response.prepare(request)
         try:
-            async for chunk in backend.content.iter_chunked(READ_CHUNK):
+            async for chunk in _response_pieces(backend):
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is a cut connection.
@@ -164,6 +165,21 @@ class Forwarder:
             raise ResponseAborted("backend dropped the response mid-body") from exc
         await response.write_eof()
         return response
+
+
+def _response_pieces(backend: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The backend's body in the pieces aiohttp buffered, taken whole (no copy: a 20 MB
+    download costs 15.6 instead of 18.8 ms of CPU, ``bench/NOTES.md``, fourth round). A chunked
+    body comes in its HTTP chunks instead, which are joined up to ``READ_CHUNK`` so a backend
+    streaming small chunks does not cost one write to the client each."""
+    if "chunked" in backend.headers.get("Transfer-Encoding", "").lower():
+        return backend.content.iter_chunked(READ_CHUNK)
+    return _whole_pieces(backend.content)
+
+
+async def _whole_pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    while piece := await next_piece(content):
+        yield piece
 
 
 def _has_body(method: str, status: int) -> bool:
