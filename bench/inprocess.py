@@ -8,6 +8,7 @@ the event-loop thread's CPU clock, so waiting for a core does not count) and pri
 function, the difference in own time per request between the two paths.
 
     .venv/bin/python -m bench.inprocess [--size 10KB] [--conns 16] [--seconds 5] [--profile]
+    .venv/bin/python -m bench.inprocess --download 20MB   # CPU per response relayed back
 
 It starts its own redis-server and sink, in ``bench/work/inprocess/``, and stops them at the end.
 """
@@ -20,6 +21,7 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import resource
 import time
 from pathlib import Path
@@ -49,6 +51,37 @@ async def _wrk(url: str, body: Path, headers: Path, seconds: float, conns: int) 
     line = next(x for x in out.decode().splitlines() if x.startswith("WRKJSON "))
     summary = json.loads(line.removeprefix("WRKJSON "))
     return int(summary["requests"]) - int(summary["errors"]["status"])
+
+
+async def _wrk_get(url: str, secret: str, seconds: float, conns: int) -> int:
+    """Completed requests of one plain wrk GET run (one thread), non-2xx left out."""
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "-H", f"Authorization: Bearer {secret}", url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out = (await proc.communicate())[0].decode()
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return done - (int(failed.group(1)) if failed else 0)
+
+
+async def _measure_download(
+    config: Config, secret: str, size: int, seconds: float, conns: int
+) -> None:
+    """CPU per response of GETs the gateway relays from the sink (``/_sink/bytes/N``, a path
+    that is only proxied): what a download through the gateway costs."""
+    state = build_state(config)
+    runner = proxy_runner(state, config)
+    await runner.setup()
+    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+    url = f"http://{config.listen.host}:{config.listen.port}/_sink/bytes/{size}"
+    try:
+        await _wrk_get(url, secret, 1, conns)
+        began = resource.getrusage(resource.RUSAGE_SELF)
+        done = await _wrk_get(url, secret, seconds, conns)
+        print(f"download of {size} bytes: {done} responses, {_per_request(began, done)}")
+    finally:
+        await runner.cleanup()
 
 
 async def _measure(
@@ -121,6 +154,7 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--download", choices=sorted(payloads.SIZES), help="measure this instead")
     args = parser.parse_args()
     os.environ["GATEWAY_SIGNING_KEY"] = SIGNING_KEY
     work = BENCH / "work" / "inprocess"
@@ -140,6 +174,10 @@ def main() -> None:
             f"Content-Type: {payloads.CONTENT_TYPE}\nAuthorization: Bearer {secret}\n"
         )
         config = load_config(str(config_file))
+        if args.download:
+            size = payloads.SIZES[args.download]
+            uvloop.run(_measure_download(config, secret, size, args.seconds, args.conns))
+            return
         results = uvloop.run(
             _measure(config, body, headers, args.seconds, args.conns, args.profile)
         )

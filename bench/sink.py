@@ -6,10 +6,11 @@ are ever buffered. It speaks enough HTTP/1.1 for its two clients: ``Content-Leng
 bodies (nginx and aiohttp may send either), keep-alive, ``Expect: 100-continue``.
 
 Each response carries ``X-Sink-Body-Bytes`` (the body length it read) so the harness can check
-that a peer forwarded the whole upload. ``GET /_sink/stats`` answers the body bytes and requests
-received so far by all processes (shared memory): bytes per second measured at the backend do
-not depend on how many uploads happened to complete inside a run. Run several processes on one
-port (SO_REUSEPORT):
+that a peer forwarded the whole upload. ``GET /_sink/bytes/N`` answers N bytes instead of the
+tiny JSON (a download, for ``bench.inprocess --download``). ``GET /_sink/stats`` answers the
+body bytes and requests received so far by all processes (shared memory): bytes per second
+measured at the backend do not depend on how many uploads happened to complete inside a run.
+Run several processes on one port (SO_REUSEPORT):
 
     python -m bench.sink --port 18081 --processes 2
 """
@@ -28,6 +29,8 @@ _HEADERS, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS = range(5)
 _MAX_HEAD = 64 * 1024
 _PAYLOAD = b'{"ok":true}'
 _STATS_PATH = b"/_sink/stats"
+_BYTES_PATH = b"/_sink/bytes/"
+_DOWNLOADS: dict[int, bytes] = {}  # size -> body, made once
 # [bytes, requests] per process, in memory shared by every process of the sink
 _STATS: ctypes.Array[ctypes.c_uint64] | None = None
 _SLOT = 0
@@ -44,6 +47,7 @@ class SinkProtocol(asyncio.Protocol):
         self._body_bytes = 0
         self._close_after = False
         self._stats_request = False
+        self._download = 0  # bytes to answer with, for GET /_sink/bytes/N
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -78,7 +82,10 @@ class SinkProtocol(asyncio.Protocol):
         lines = data[pos:i].split(b"\r\n")
         request_line = lines[0].split(b" ")
         version = request_line[-1]
-        self._stats_request = len(request_line) == 3 and request_line[1] == _STATS_PATH
+        target = request_line[1] if len(request_line) == 3 else b""
+        self._stats_request = target == _STATS_PATH
+        size = target[len(_BYTES_PATH) :] if target.startswith(_BYTES_PATH) else b""
+        self._download = int(size) if size.isdigit() else 0
         length, chunked, expect = 0, False, False
         self._close_after = version == b"HTTP/1.0"
         for line in lines[1:]:
@@ -135,6 +142,10 @@ class SinkProtocol(asyncio.Protocol):
         payload = _PAYLOAD
         if self._stats_request:
             payload = json.dumps(totals()).encode()
+        elif self._download:
+            payload = _DOWNLOADS.get(self._download) or _DOWNLOADS.setdefault(
+                self._download, bytes(self._download)
+            )
         elif _STATS is not None:
             _STATS[2 * _SLOT + 1] += 1
         self._transport.write(
