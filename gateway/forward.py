@@ -168,10 +168,10 @@ class Forwarder:
 
 
 def _response_pieces(backend: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The backend's body in the pieces aiohttp buffered, taken whole (no copy: a 20 MB
-    download costs 13.4-14.5 instead of 15.5-17.1 ms of CPU, ``bench/NOTES.md``, fourth round). A chunked
-    body comes in its HTTP chunks instead, which are joined up to ``READ_CHUNK`` so a backend
-    streaming small chunks does not cost one write to the client each."""
+    """The backend's body in the pieces aiohttp buffered, taken whole (no copy: a 20 MB download
+    costs 13.4-14.5 instead of 15.5-17.1 ms of CPU, ``bench/NOTES.md``, fourth round). A
+    chunked body comes in its HTTP chunks instead, which are joined up to ``READ_CHUNK`` so a
+    backend streaming small chunks does not cost one write to the client each."""
     if "chunked" in backend.headers.get("Transfer-Encoding", "").lower():
         return backend.content.iter_chunked(READ_CHUNK)
     return _whole_pieces(backend.content)
