@@ -31,7 +31,7 @@ class BodyStream:
     ``chunked``: the body comes in HTTP chunks, and ``readchunk`` would stop at each of them;
     a client sending one-byte chunks would make every byte a pass through the inspection. Such
     a body is read with ``readany``, which joins what is buffered. Should the flag ever be wrong,
-    nothing is lost: an HTTP chunk's end is never taken for the body's (``_next_piece``).
+    nothing is lost: an HTTP chunk's end is never taken for the body's (:func:`next_piece`).
     """
 
     def __init__(self, content: StreamReader, idle_timeout: float, chunked: bool = False) -> None:
