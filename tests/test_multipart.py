@@ -1,7 +1,8 @@
 """The upload stage on real files: types x channels x roles, limits, roles, report mode, spool.
 
 Bodies are fed as chunks from an async generator that records how far it was read (so "cut off
-within one chunk" is checked), and once through a real aiohttp server's StreamReader.
+within one chunk" is checked), and once through a real aiohttp server's StreamReader, read by
+the handler's ``BodyStream``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
+from gateway.body import BodyStream
 from gateway.config.loader import load_config_text
 from gateway.config.model import Config, Role
 from gateway.errors import GatewayError, problem_body
@@ -520,7 +522,7 @@ async def test_through_a_real_aiohttp_stream(config: Config, aiohttp_client: Any
         assert found is not None
         try:
             upload = await inspect_upload(
-                request.content,
+                BodyStream(request.content, idle_timeout=5),  # the handler's reader
                 request.headers,
                 found,
                 {"role": "agent"},

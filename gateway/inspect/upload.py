@@ -28,7 +28,6 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
-from aiohttp import StreamReader
 from python_multipart.multipart import parse_options_header
 
 from gateway.config.model import Config, Role
@@ -50,7 +49,6 @@ from gateway.policy.routes import UploadTarget
 from gateway.spool import Spool, SpoolBudget
 
 log = logging.getLogger("gateway.inspect")
-Body = StreamReader | AsyncIterable[bytes]
 
 
 class InspectedUpload:
@@ -284,18 +282,8 @@ async def _each(pieces: list[bytes]) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def _chunks(body: Body) -> AsyncIterator[bytes]:
-    """Chunks as they arrive: ``readany`` on a StreamReader (whose ``async for`` yields lines)."""
-    if isinstance(body, StreamReader):
-        while chunk := await body.readany():
-            yield chunk
-    else:
-        async for chunk in body:
-            yield chunk
-
-
 async def inspect_upload(
-    body: Body,
+    body: AsyncIterable[bytes],
     headers: Mapping[str, str],
     target: UploadTarget,
     claims: Mapping[str, Any],
@@ -316,7 +304,7 @@ async def inspect_upload(
     spool = Spool(config.spool, spool_limits, metrics, expected_size=announced_length(headers))
     try:
         inspection.start()
-        async for chunk in _chunks(body):
+        async for chunk in body:
             await inspection.feed(chunk)
             await spool.write(chunk)
         files = await inspection.finish()
