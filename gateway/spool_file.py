@@ -28,7 +28,7 @@ import mmap
 import os
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, BinaryIO
 
 import aiofiles.threadpool
@@ -57,6 +57,17 @@ _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
 
 def spool_full(detail: str) -> GatewayError:
     return GatewayError("spool_full", detail)
+
+
+@contextlib.contextmanager
+def _full_disk_is_507() -> Iterator[None]:
+    """A write or flush that finds the disk (or quota) full is the client's 507, not a 500."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            raise spool_full("the disk filled up while spooling the upload") from None
+        raise
 
 
 def _nonce(index: int) -> bytes:
@@ -167,12 +178,8 @@ class SpoolFile:
         await self._write_batch()
         self.sealed = True
         self._release_buffers()
-        try:
+        with _full_disk_is_507():
             await self._file.flush()
-        except OSError as exc:
-            if exc.errno in _NO_ROOM:
-                raise spool_full("the disk filled up while spooling the upload") from None
-            raise
 
     async def _add_record(self, plain: memoryview, last: bool) -> None:
         """Encrypt one record into the batch, writing the batch first if it is full."""
@@ -195,12 +202,8 @@ class SpoolFile:
         """
         if not self._batched:
             return
-        try:
+        with _full_disk_is_507():
             await self._file.write(self._batch[: self._batched])
-        except OSError as exc:
-            if exc.errno in _NO_ROOM:
-                raise spool_full("the disk filled up while spooling the upload") from None
-            raise
         self._batched = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
