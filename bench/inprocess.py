@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import os
 import pstats
-import re
 import resource
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvloop
@@ -41,11 +42,13 @@ from gateway.server import proxy_runner
 PASS_PATH = "/not-an-upload-route/4711/objects"
 
 
-async def _wrk(url: str, body: Path, headers: Path, seconds: float, conns: int) -> int:
+async def _wrk(
+    url: str, body: Path, headers: Path, seconds: float, conns: int, method: str = "POST"
+) -> int:
     """Completed 200 responses of one wrk run (one thread)."""
     proc = await asyncio.create_subprocess_exec(
         "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "-s", str(BENCH / "upload.lua"), url, "--",
-        str(body), str(headers), stdout=asyncio.subprocess.PIPE,
+        str(body), str(headers), method, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
     line = next(x for x in out.decode().splitlines() if x.startswith("WRKJSON "))
@@ -53,47 +56,38 @@ async def _wrk(url: str, body: Path, headers: Path, seconds: float, conns: int) 
     return int(summary["requests"]) - int(summary["errors"]["status"])
 
 
-async def _wrk_get(url: str, secret: str, seconds: float, conns: int) -> int:
-    """Completed requests of one plain wrk GET run (one thread), non-2xx left out."""
-    proc = await asyncio.create_subprocess_exec(
-        "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "-H", f"Authorization: Bearer {secret}", url,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out = (await proc.communicate())[0].decode()
-    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return done - (int(failed.group(1)) if failed else 0)
+@contextlib.asynccontextmanager
+async def _listening(config: Config) -> AsyncIterator[str]:
+    """The gateway's proxy listener in this process, exactly as a worker sets it up; its URL."""
+    runner = proxy_runner(build_state(config), config)
+    await runner.setup()
+    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+    try:
+        yield f"http://{config.listen.host}:{config.listen.port}"
+    finally:
+        await runner.cleanup()
 
 
 async def _measure_download(
-    config: Config, secret: str, size: int, seconds: float, conns: int
+    config: Config, headers: Path, size: int, seconds: float, conns: int
 ) -> None:
     """CPU per response of GETs the gateway relays from the sink (``/_sink/bytes/N``, a path
     that is only proxied): what a download through the gateway costs."""
-    state = build_state(config)
-    runner = proxy_runner(state, config)
-    await runner.setup()
-    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
-    url = f"http://{config.listen.host}:{config.listen.port}/_sink/bytes/{size}"
-    try:
-        await _wrk_get(url, secret, 1, conns)
+    empty = headers.with_name("empty-body")
+    empty.write_bytes(b"")
+    async with _listening(config) as base:
+        url = f"{base}/_sink/bytes/{size}"
+        await _wrk(url, empty, headers, 1, conns, "GET")
         began = resource.getrusage(resource.RUSAGE_SELF)
-        done = await _wrk_get(url, secret, seconds, conns)
+        done = await _wrk(url, empty, headers, seconds, conns, "GET")
         print(f"download of {size} bytes: {done} responses, {_per_request(began, done)}")
-    finally:
-        await runner.cleanup()
 
 
 async def _measure(
     config: Config, body: Path, headers: Path, seconds: float, conns: int, profile: bool
 ) -> dict[str, tuple[int, pstats.Stats | None]]:
-    state = build_state(config)
-    runner = proxy_runner(state, config)  # the listener exactly as a worker sets it up
-    await runner.setup()
-    await web.TCPSite(runner, config.listen.host, config.listen.port).start()
-    base = f"http://{config.listen.host}:{config.listen.port}"
     results: dict[str, tuple[int, pstats.Stats | None]] = {}
-    try:
+    async with _listening(config) as base:
         for path in (payloads.UPLOAD_PATH, PASS_PATH):  # warm both paths first
             await _wrk(base + path, body, headers, 1, conns)
         for name, path in (("upload", payloads.UPLOAD_PATH), ("pass-through", PASS_PATH)):
@@ -107,8 +101,6 @@ async def _measure(
                 profiler.disable()
             results[name] = (done, pstats.Stats(profiler) if profiler else None)
             print(f"{name}: {done} requests, {_per_request(began, done)}")
-    finally:
-        await runner.cleanup()
     return results
 
 
@@ -176,7 +168,7 @@ def main() -> None:
         config = load_config(str(config_file))
         if args.download:
             size = payloads.SIZES[args.download]
-            uvloop.run(_measure_download(config, secret, size, args.seconds, args.conns))
+            uvloop.run(_measure_download(config, headers, size, args.seconds, args.conns))
             return
         results = uvloop.run(
             _measure(config, body, headers, args.seconds, args.conns, args.profile)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import json
 import multiprocessing
 import signal
@@ -30,7 +31,6 @@ _MAX_HEAD = 64 * 1024
 _PAYLOAD = b'{"ok":true}'
 _STATS_PATH = b"/_sink/stats"
 _BYTES_PATH = b"/_sink/bytes/"
-_DOWNLOADS: dict[int, bytes] = {}  # size -> body, made once
 # [bytes, requests] per process, in memory shared by every process of the sink
 _STATS: ctypes.Array[ctypes.c_uint64] | None = None
 _SLOT = 0
@@ -143,9 +143,7 @@ class SinkProtocol(asyncio.Protocol):
         if self._stats_request:
             payload = json.dumps(totals()).encode()
         elif self._download:
-            payload = _DOWNLOADS.get(self._download) or _DOWNLOADS.setdefault(
-                self._download, bytes(self._download)
-            )
+            payload = _download_body(self._download)
         elif _STATS is not None:
             _STATS[2 * _SLOT + 1] += 1
         self._transport.write(
@@ -160,6 +158,12 @@ class SinkProtocol(asyncio.Protocol):
         )
         if self._close_after:
             self._transport.close()
+
+
+@functools.lru_cache(maxsize=4)
+def _download_body(size: int) -> bytes:
+    """Made once per size: the sink must never be what limits a download run."""
+    return bytes(size)
 
 
 def _count(body_bytes: int) -> None:

@@ -1,7 +1,8 @@
 -- wrk script: a real multipart upload with a valid Secret, the same request every time.
---   wrk -s bench/upload.lua URL -- BODY_FILE HEADERS_FILE
+--   wrk -s bench/upload.lua URL -- BODY_FILE HEADERS_FILE [METHOD]
 -- BODY_FILE is the whole multipart body; HEADERS_FILE has "Name: value" lines (Content-Type with
--- the boundary, Authorization with the Secret). wrk builds the request once per thread, so the
+-- the boundary, Authorization with the Secret); METHOD defaults to POST (bench.inprocess
+-- --download sends GET with an empty body). wrk builds the request once per thread, so the
 -- client does no per-request work. done() prints one machine-readable line for bench/run.py.
 
 function init(args)
@@ -12,7 +13,7 @@ function init(args)
     local name, value = line:match("^([^:]+):%s*(.-)%s*$")
     if name then wrk.headers[name] = value end
   end
-  wrk.method = "POST"
+  wrk.method = args[3] or "POST"
 end
 
 function done(summary, latency, requests)
