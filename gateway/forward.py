@@ -71,6 +71,10 @@ class Forwarder:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            # One session serves every client: its default jar would keep a cookie the backend
+            # set for one client and send it with the next client's request (it only refuses
+            # cookies from IP addresses, so this bites exactly when the backend has a name).
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None,

@@ -253,3 +253,26 @@ async def test_encoded_url_is_not_normalised(
         assert r.status == 200
     [rec] = backend.records()
     assert rec["path"] == "/t/status/200/..%2Fetc/%2e%2e/x"
+
+
+async def test_one_clients_cookies_never_reach_the_backend_on_anothers_request(
+    redis_server: RedisServer,
+    backend: BackendProc,
+    tmp_path: Path,
+    auth: dict[str, str],
+) -> None:
+    """The backend pool is shared by every client: a cookie the backend set for one of them
+    must go back to that client only, never be kept and replayed by the gateway. (aiohttp's
+    client keeps cookies by default, and only refuses them from an IP address, so this needs a
+    backend addressed by name, as it is in production.)"""
+    by_name = backend.url.replace("127.0.0.1", "localhost")
+    gw = start_gateway(base_config(redis_server.url, by_name, tmp_path / "spool"), tmp_path)
+    try:
+        async with session() as first, first.get(gw.url + "/t/cookies", headers=auth) as r:
+            assert r.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        async with session() as second, second.get(gw.url + "/t/status/200", headers=auth) as r:
+            assert r.status == 200
+    finally:
+        gw.stop()
+    cookies_seen = [seen_headers(rec).get("cookie") for rec in backend.records()]
+    assert cookies_seen == [None, None]
