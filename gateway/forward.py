@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -109,8 +109,14 @@ class Forwarder:
         body: AsyncIterable[bytes] | bytes | None,
         route: str,
         result: ForwardResult,
+        client_error: Callable[[], BaseException | None] = lambda: None,
     ) -> web.StreamResponse:
-        """Send the request on, stream the answer back; raises GatewayError before it started."""
+        """Send the request on, stream the answer back; raises GatewayError before it started.
+
+        ``client_error`` says why the client's body stopped, if it did: aiohttp reports a body
+        that failed while being sent as its own ``ClientOSError``, and a client that vanished
+        mid-body is not the backend's failure, to log or to count (an operator alerts on
+        ``backend_errors_total``). That error is raised instead, for the handler to answer."""
         assert self._session is not None, "Forwarder.start() was not awaited"
         url = URL(str(self._base) + request.raw_path, encoded=True)
         if request.method == "HEAD":
@@ -133,6 +139,9 @@ class Forwarder:
             self._metrics.backend_errors.labels(kind="timeout").inc()
             raise GatewayError("backend_timeout", "the backend did not answer in time") from exc
         except aiohttp.ClientError as exc:
+            gone = client_error()
+            if gone is not None:
+                raise gone from None
             LOGGER.warning("backend request failed: %s: %.200r", type(exc).__name__, str(exc))
             self._metrics.backend_errors.labels(kind="connect").inc()
             raise GatewayError(

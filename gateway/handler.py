@@ -141,9 +141,11 @@ async def _forward(
         headers["Content-Length"] = str(content_length)
     counted = _CountedBody(body) if body is not None and not isinstance(body, bytes) else None
     result = ForwardResult()
+    client_error = (lambda: body.error) if isinstance(body, BodyStream) else (lambda: None)
     try:
+        sent = body if counted is None else counted
         response = await state.forwarder.forward(
-            request, headers, body if counted is None else counted, record.route, result
+            request, headers, sent, record.route, result, client_error
         )
         if isinstance(body, bytes):
             record.bytes_out = len(body)  # handed to the connection whole

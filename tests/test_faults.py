@@ -328,8 +328,10 @@ async def test_a_client_vanishing_mid_pass_through_body_is_a_499_not_an_error(
     fault_gw: GatewayProc, backend: FaultBackend, agent: str, length: int | None
 ) -> None:
     """Not an upload route: the body streams to the backend as it arrives. A client that goes
-    away is ordinary (mobile networks): an access line with 499, no ERROR with a traceback."""
+    away is ordinary (mobile networks): an access line with 499, no ERROR with a traceback,
+    and not counted or logged as the backend's failure (an operator alerts on those)."""
     logged = len(fault_gw.log())
+    backend_errors = gauge(fault_gw.admin_port, "upload_gateway_backend_errors_total")
     ctype = "application/octet-stream"
     with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
         sock.sendall(raw_head("POST", "/api/notes", agent, ctype, length, chunked=not length))
@@ -338,6 +340,8 @@ async def test_a_client_vanishing_mid_pass_through_body_is_a_499_not_an_error(
         vanish(sock)
     assert wait_until(lambda: '"path": "/api/notes"' in fault_gw.log()[logged:])
     assert_closed_quietly(fault_gw.log()[logged:], "/api/notes")
+    assert "backend request failed" not in fault_gw.log()[logged:]
+    assert gauge(fault_gw.admin_port, "upload_gateway_backend_errors_total") == backend_errors
     await assert_still_serving(fault_gw, agent, backend)
 
 
