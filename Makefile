@@ -33,6 +33,7 @@ pytest: $(STAMP)
 bench: deps-bench $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.auth_cost
+	$(BIN)/python -m bench.floor
 
 soak: deps-run $(STAMP)
 	$(BIN)/python -m bench.soak

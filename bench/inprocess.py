@@ -24,7 +24,8 @@ import os
 import pstats
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
@@ -80,13 +81,22 @@ async def _measure_download(
         await _wrk(url, empty, headers, 1, conns, "GET")
         began = resource.getrusage(resource.RUSAGE_SELF)
         done = await _wrk(url, empty, headers, seconds, conns, "GET")
-        print(f"download of {size} bytes: {done} responses, {_per_request(began, done)}")
+        print(f"download of {size} bytes: {done} responses, {_per_request(began, done)[1]}")
+
+
+@dataclass
+class PathCost:
+    """One path's run: requests answered, CPU per request, and the profile if one was taken."""
+
+    done: int
+    cpu_us: float
+    stats: pstats.Stats | None
 
 
 async def _measure(
     config: Config, body: Path, headers: Path, seconds: float, conns: int, profile: bool
-) -> dict[str, tuple[int, pstats.Stats | None]]:
-    results: dict[str, tuple[int, pstats.Stats | None]] = {}
+) -> dict[str, PathCost]:
+    results: dict[str, PathCost] = {}
     async with _listening(config) as base:
         for path in (payloads.UPLOAD_PATH, PASS_PATH):  # warm both paths first
             await _wrk(base + path, body, headers, 1, conns)
@@ -99,12 +109,13 @@ async def _measure(
             done = await _wrk(base + path, body, headers, seconds, conns)
             if profiler is not None:
                 profiler.disable()
-            results[name] = (done, pstats.Stats(profiler) if profiler else None)
-            print(f"{name}: {done} requests, {_per_request(began, done)}")
+            cpu_us, text = _per_request(began, done)
+            results[name] = PathCost(done, cpu_us, pstats.Stats(profiler) if profiler else None)
+            print(f"{name}: {done} requests, {text}")
     return results
 
 
-def _per_request(began: resource.struct_rusage, done: int) -> str:
+def _per_request(began: resource.struct_rusage, done: int) -> tuple[float, str]:
     """CPU (user, kernel), voluntary context switches and minor page faults of this process,
     per request: a thread trip shows up in the first three, memory the allocator keeps handing
     back to the kernel and faulting in again in the last."""
@@ -114,21 +125,21 @@ def _per_request(began: resource.struct_rusage, done: int) -> str:
     kernel = (now.ru_stime - began.ru_stime) / done * 1e6
     switches = (now.ru_nvcsw - began.ru_nvcsw) / done
     faults = (now.ru_minflt - began.ru_minflt) / done
-    return (
+    return user + kernel, (
         f"{user + kernel:.0f} us of CPU per request (user {user:.0f}, kernel {kernel:.0f}), "
         f"{switches:.1f} voluntary context switches, {faults:.1f} minor page faults"
     )
 
 
-def _own_time_delta(upload: tuple[int, pstats.Stats], passing: tuple[int, pstats.Stats]) -> None:
+def _own_time_delta(upload: PathCost, passing: PathCost) -> None:
     """Functions by how much more own time per request they take on the upload path (cProfile's
     own overhead inflates every figure; the differences are what to read)."""
 
-    def per_request(done: int, stats: pstats.Stats) -> dict[tuple[str, int, str], float]:
-        table = stats.stats  # type: ignore[attr-defined]
-        return {key: row[2] / max(done, 1) * 1e6 for key, row in table.items()}
+    def per_request(cost: PathCost) -> dict[tuple[str, int, str], float]:
+        table = cost.stats.stats  # type: ignore[union-attr]
+        return {key: row[2] / max(cost.done, 1) * 1e6 for key, row in table.items()}
 
-    a, b = per_request(*upload), per_request(*passing)
+    a, b = per_request(upload), per_request(passing)
     rows = sorted(((a.get(k, 0.0) - b.get(k, 0.0), k) for k in set(a) | set(b)), reverse=True)
     print(
         "\nown CPU time of the event-loop thread, us per request under cProfile: "
@@ -140,14 +151,18 @@ def _own_time_delta(upload: tuple[int, pstats.Stats], passing: tuple[int, pstats
         print(f"{diff:+8.1f} {a.get(key, 0.0):8.1f} {b.get(key, 0.0):8.1f}  {where}:{line} {func}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--size", default="10KB", choices=sorted(payloads.SIZES))
-    parser.add_argument("--conns", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--download", choices=sorted(payloads.SIZES), help="measure this instead")
-    args = parser.parse_args()
+@dataclass
+class Setup:
+    """The bench's gateway config, one upload body and the wrk headers (with a valid Secret)."""
+
+    config: Config
+    body: Path
+    headers: Path
+
+
+@contextlib.contextmanager
+def bench_setup(size: str) -> Iterator[Setup]:
+    """A redis-server and a sink in ``bench/work/inprocess/``, stopped on the way out."""
     os.environ["GATEWAY_SIGNING_KEY"] = SIGNING_KEY
     work = BENCH / "work" / "inprocess"
     work.mkdir(parents=True, exist_ok=True)
@@ -160,24 +175,44 @@ def main() -> None:
         data = gateway_config(variant, stack.redis_url, f"http://127.0.0.1:{sink.port}", stack.work)
         config_file.write_text(yaml.safe_dump(data, sort_keys=False))
         secret = issue_secret(str(config_file))
-        body = payloads.write_bodies(stack.work)[args.size].path
         headers = stack.work / "headers.txt"
         headers.write_text(
             f"Content-Type: {payloads.CONTENT_TYPE}\nAuthorization: Bearer {secret}\n"
         )
-        config = load_config(str(config_file))
-        if args.download:
-            size = payloads.SIZES[args.download]
-            uvloop.run(_measure_download(config, headers, size, args.seconds, args.conns))
-            return
-        results = uvloop.run(
-            _measure(config, body, headers, args.seconds, args.conns, args.profile)
-        )
-        (done_a, upload), (done_b, passing) = results["upload"], results["pass-through"]
-        if upload is not None and passing is not None:
-            _own_time_delta((done_a, upload), (done_b, passing))
+        body = payloads.write_bodies(stack.work)[size].path
+        yield Setup(load_config(str(config_file)), body, headers)
     finally:
         stack.close()
+
+
+def measure_paths(
+    size: str, seconds: float = 5.0, conns: int = 16, profile: bool = False
+) -> dict[str, PathCost]:
+    """CPU per request of the upload route and of the pass-through, ``size`` bodies."""
+    with bench_setup(size) as setup:
+        return uvloop.run(
+            _measure(setup.config, setup.body, setup.headers, seconds, conns, profile)
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", default="10KB", choices=sorted(payloads.SIZES))
+    parser.add_argument("--conns", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--download", choices=sorted(payloads.SIZES), help="measure this instead")
+    args = parser.parse_args()
+    if args.download:
+        size = payloads.SIZES[args.download]
+        with bench_setup(args.size) as setup:
+            uvloop.run(
+                _measure_download(setup.config, setup.headers, size, args.seconds, args.conns)
+            )
+        return
+    results = measure_paths(args.size, args.seconds, args.conns, args.profile)
+    if args.profile:
+        _own_time_delta(results["upload"], results["pass-through"])
 
 
 if __name__ == "__main__":
