@@ -28,7 +28,7 @@ from typing import Any
 import redis
 import yaml
 
-from bench import load, peers, probes, profiling, report
+from bench import load, peers, probes, profiling, report, report_figures
 from bench.payloads import CONTENT_TYPE, Body, write_bodies
 from bench.stack import BENCH, Stack
 
@@ -366,8 +366,8 @@ def _result(
     refusal: list[dict[str, Any]],
     profiles: dict[str, Any],
 ) -> dict[str, Any]:
-    med = report.medians(runs)
-    rss = report.rss_summary(runs)
+    med = report_figures.medians(runs)
+    rss = report_figures.rss_summary(runs)
     durations = ", ".join(f"{c.key} {c.duration:g}s x{c.reps}" for c in cells)
     loads = [r["load_avg_1m"] for r in runs]
     return {
@@ -384,8 +384,8 @@ def _result(
         "notes": [f"cells (duration x repetitions): {durations}", *NOTES],
         "medians": med,
         "rss": rss,
-        "targets": report.targets(med, refusal, rss),
-        "other_figures": report.others(med),
+        "targets": report_figures.targets(med, refusal, rss),
+        "other_figures": report_figures.others(med),
         "refusal": refusal,
         "profiles": profiles,
         "runs": runs,
