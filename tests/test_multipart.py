@@ -563,3 +563,40 @@ async def test_through_a_real_aiohttp_stream(config: Config, aiohttp_client: Any
         answer = json.loads(await response.text())
         assert response.status == 200, answer
         assert answer == {"same": True, "types": ["application/pdf", "image/png"]}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 4096])
+async def test_the_boundary_inside_a_part_is_found_however_the_body_is_cut(
+    config: Config, chunk: int
+) -> None:
+    """The hidden ``--boundary`` may straddle chunks (and python-multipart's own pieces)."""
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        + files.png()
+        + b"\n--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.exe\"\r\n\r\n"
+        + files.elf()
+        + b"\r\n--x--\r\n"
+    )
+    error = await refused(
+        config,
+        [],
+        role="agent",
+        feeder=Feeder(body, chunk),
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert error.code == "malformed_request" and "inside a part" in error.detail
+
+
+async def test_a_duplicate_filename_parameter_is_refused(config: Config) -> None:
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"; '
+        b'filename="b.exe"\r\n\r\n' + files.png() + b"\r\n--x--\r\n"
+    )
+    error = await refused(
+        config,
+        [],
+        role="agent",
+        feeder=Feeder(body),
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert error.code == "malformed_request" and "two filename" in error.detail

@@ -54,3 +54,10 @@ def test_one_sniffer_shared_by_many_threads_gives_right_answers() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(lambda k: sniffer.sniff(files.make(k)), kinds))
     assert got == [files.EXPECTED[k] for k in kinds]
+
+
+def test_an_office_package_named_zip_is_judged_as_the_archive_it_is() -> None:
+    """A DOCX is a ZIP that may hold anything: named ``.zip`` it is stored and opened as one."""
+    head = files.docx()[:8192]
+    assert Sniffer().sniff(head, "letter.docx") == types.DOCX
+    assert Sniffer().sniff(head, "tools.zip") == types.ZIP

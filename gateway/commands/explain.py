@@ -55,9 +55,8 @@ def explain(
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         head = handle.read(config.uploads.sniff_bytes)
-    facts = rules.FileFacts(
-        name or os.path.basename(path), declared_type, Sniffer().sniff(head), size
-    )
+    filename = name or os.path.basename(path)
+    facts = rules.FileFacts(filename, declared_type, Sniffer().sniff(head, filename), size)
     error = _judge(config, policy, facts)
     verdict = "accept"
     if error is not None:

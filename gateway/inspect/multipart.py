@@ -9,10 +9,20 @@ Every bound an attacker could stretch is enforced here (SPEC §5 ``malformed_req
 before the first boundary, headers per part (python-multipart: 8 headers of at most ~4 KiB),
 the number of non-file fields, the size of the role field, and a body that ends before its
 closing boundary.
+
+The backend parses the same bytes with its own parser, and what matters is what *it* will see.
+Wherever parsers are known to read one body two ways, the body is refused (400) rather than
+guessed at: a boundary given twice or hidden in a quoted parameter (aiohttp and ``email`` take
+the first, python-multipart the last), the boundary inside a part's data (Werkzeug and ``email``
+end a part at a bare ``LF--boundary``), a part header or a Content-Disposition parameter given
+twice, RFC 2231 parameters (``filename*0=`` is a file to aiohttp, Werkzeug and ``email`` and a
+plain field to python-multipart; ``name*=`` names the role field for some and not others), and
+``filename`` and ``filename*`` naming different files. Browsers send none of these.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -31,11 +41,19 @@ def malformed(detail: str) -> GatewayError:
     return GatewayError("malformed_request", detail)
 
 
-def boundary_from(options: dict[bytes, bytes]) -> bytes:
-    """The boundary among a Content-Type's parsed parameters, or 400."""
+def boundary_from(content_type: str, options: dict[bytes, bytes]) -> bytes:
+    """The boundary among a Content-Type's parsed parameters, or 400 — also when a parser that
+    splits the header on every ``;`` (aiohttp's) would find another one, or more than one."""
     boundary = options.get(b"boundary", b"")
     if not boundary or len(boundary) > 70:
         raise malformed("multipart/form-data without a valid boundary (RFC 2046: 1-70 chars)")
+    naive = [
+        value.strip().strip('"')
+        for key, _, value in (segment.partition("=") for segment in content_type.split(";")[1:])
+        if key.strip().lower() == "boundary"
+    ]
+    if naive != [boundary.decode("latin-1")]:
+        raise malformed("the Content-Type's boundary is ambiguous (given twice, or quoted)")
     return boundary
 
 
@@ -69,25 +87,51 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _disposition(value: str) -> tuple[str | None, str | None, bool]:
-    """``(name, filename, is_file)`` from Content-Disposition; ``filename*`` counts as a name.
+# One ``; key=value`` parameter, the value a quoted string (with escapes) or a bare run.
+_PARAMETER = re.compile(r';\s*([^\s;=]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;]*))?')
 
-    python-multipart ignores ``filename*`` (RFC 7578 forbids it), but backends honour it, so a
-    part carrying only ``filename*`` is still a file and must be inspected as one.
-    """
-    kind, options = parse_options_header(value.encode("utf-8").decode("latin-1"))
+
+def _disposition(value: str) -> tuple[str | None, str | None, bool]:
+    """``(name, filename, is_file)`` from a part's Content-Disposition (:func:`parameters`)."""
+    kind, options = parameters(value)
     if kind != b"form-data":
         raise malformed("a part without Content-Disposition: form-data")
     name = options.get(b"name")
+    filename = filename_of(value, options)
+    return _decode(name) if name is not None else None, filename, filename is not None
+
+
+def parameters(value: str) -> tuple[bytes, dict[bytes, bytes]]:
+    """python-multipart's reading of a Content-Disposition, refused (400) where parsers
+    disagree: a parameter given twice, and ``*`` parameters other than ``filename*`` (RFC 2231
+    continuations, ``name*``)."""
+    keys = [key.lower() for key, _ in _PARAMETER.findall(value)]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise malformed(f"a Content-Disposition with two {key} parameters")
+        if "*" in key and key != "filename*":
+            raise malformed(f"Content-Disposition parameter {key} (RFC 2231) is not accepted")
+    # back to the bytes as received (aiohttp keeps undecodable ones as surrogates)
+    kind, options = parse_options_header(value.encode("utf-8", "surrogateescape").decode("latin-1"))
+    return bytes(kind), options
+
+
+def filename_of(value: str, options: dict[bytes, bytes]) -> str | None:
+    """The file's name; ``filename*`` counts (RFC 5987), and must agree with ``filename``.
+
+    python-multipart ignores ``filename*`` (RFC 7578 forbids it in form-data), but backends
+    honour it, and prefer it: a part carrying only ``filename*`` is still a file and must be
+    inspected as one, and one carrying both must not be checked under the other name.
+    """
     filename = options.get(b"filename")
-    extended: str | None = None
-    for segment in value.split(";")[1:]:
-        key, _, raw = segment.strip().partition("=")
-        if key.strip().lower() == "filename*":
+    text = _decode(filename) if filename is not None else None
+    for key, raw in _PARAMETER.findall(value):
+        if key.lower() == "filename*":
             extended = unquote(raw.strip().strip('"').split("''", 1)[-1])
-    text_name = _decode(name) if name is not None else None
-    text_filename: str | None = _decode(filename) if filename is not None else extended
-    return text_name, text_filename, text_filename is not None
+            if text is not None and extended != text:
+                raise malformed("filename and filename* name different files")
+            return extended
+    return text
 
 
 class MultipartInspector:
@@ -120,6 +164,9 @@ class MultipartInspector:
         self._header_value = bytearray()
         self._current: Part | None = None
         self._touched: dict[int, Part] = {}
+        self._role_parts = 0
+        self._delimiter = b"--" + boundary
+        self._tail = b""  # the last bytes of the current part's data, for a delimiter cut in two
 
     # -- the parser's callbacks: record, never await ------------------------------------------
 
@@ -143,7 +190,7 @@ class MultipartInspector:
     def _on_headers_finished(self) -> None:
         headers: dict[str, str] = {}
         for header, value in self._headers:
-            if header in headers and header in ("content-disposition", "content-type"):
+            if header in headers:  # parsers disagree on which one counts
                 raise malformed(f"a part with two {header} headers")
             headers[header] = value
         if "content-disposition" not in headers:
@@ -162,9 +209,15 @@ class MultipartInspector:
                 raise malformed(f"more than {MAX_FIELDS} form fields")
             if name is not None and name == self._role_field:
                 part.value = bytearray()
+        if name is not None and name == self._role_field:
+            self._role_parts += 1
+            if self._role_parts > 1:  # some backends read the first, others the last
+                raise malformed(f"form field {name!r} (the role) given twice")
         self._current = part
+        self._tail = b""
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._refuse_hidden_delimiter(data, start, end)
         part = self._current
         if part is None:
             return
@@ -178,6 +231,19 @@ class MultipartInspector:
             if part.size > MAX_ROLE_FIELD:
                 raise malformed(f"form field {part.name!r} is over {MAX_ROLE_FIELD} bytes")
             part.value += data[start:end]
+
+    def _refuse_hidden_delimiter(self, data: bytes, start: int, end: int) -> None:
+        """``--boundary`` inside a part's data (RFC 2046: it must not occur there) is a part
+        boundary to Werkzeug and ``email`` when a bare LF precedes it, and data to us."""
+        keep = len(self._delimiter) - 1
+        if data.find(self._delimiter, start, end) != -1:
+            raise malformed("the multipart boundary occurs inside a part's data")
+        if self._tail and self._delimiter in self._tail + data[start : start + keep]:
+            raise malformed("the multipart boundary occurs inside a part's data")
+        if end - start >= keep:
+            self._tail = data[end - keep : end]
+        else:
+            self._tail = (self._tail + data[start:end])[-keep:]
 
     def _on_part_end(self) -> None:
         part = self._current

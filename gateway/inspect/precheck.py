@@ -16,7 +16,7 @@ from python_multipart.multipart import parse_options_header
 
 from gateway.config.model import Config, Mode, Role
 from gateway.errors import GatewayError
-from gateway.inspect.multipart import malformed
+from gateway.inspect.multipart import filename_of, malformed, parameters
 from gateway.policy import rules
 from gateway.policy.role import ROLES, role_from_claims, waits_for_form
 from gateway.policy.routes import UploadTarget
@@ -99,12 +99,10 @@ def precheck_upload(
 
 
 def raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
-    """A raw body's name: Content-Disposition ``filename``, else a trailing URL placeholder."""
-    _, options = parse_options_header(headers.get("Content-Disposition", ""))
-    name = options.get(b"filename")
-    if name:
-        try:
-            return name.decode("utf-8")
-        except UnicodeDecodeError:
-            return name.decode("latin-1")
-    return target.url_filename
+    """A raw body's name: Content-Disposition ``filename`` or ``filename*`` (read as a form
+    part's is, :func:`~gateway.inspect.multipart.filename_of`), else a trailing URL
+    placeholder."""
+    disposition = headers.get("Content-Disposition", "")
+    if not disposition:
+        return target.url_filename
+    return filename_of(disposition, parameters(disposition)[1]) or target.url_filename

@@ -122,7 +122,7 @@ class _Inspection:
         if multipart:
             form = config.uploads.role.from_form
             self.inspector = MultipartInspector(
-                boundary_from(options),
+                boundary_from(headers.get("Content-Type", ""), options),
                 self.sniff_bytes,
                 form.field if form is not None else None,
             )
@@ -232,7 +232,7 @@ class _Inspection:
             return
         self._check_size(part)
         if part.sniffed is None and (len(part.head) >= self.sniff_bytes or part.ended):
-            part.sniffed = await self.sniffer.sniff_async(bytes(part.head))
+            part.sniffed = await self.sniffer.sniff_async(bytes(part.head), part.filename)
             mismatch = rules.check_spoofing(self._facts(part))
             if mismatch is not None:
                 mismatch.fields.update(channel=self.target.channel, role=self.role)

@@ -48,6 +48,20 @@ EXECUTABLE_TYPES = frozenset(
 )
 """Content that runs. Blocked on every channel unless a rule names it explicitly (SPEC §4)."""
 
+EXECUTABLE_EXTENSIONS = frozenset(
+    {
+        # Windows runs these on a double click, whatever their bytes look like to libmagic
+        # (a .vbs or .js is text/plain to it, and "documents" admits text/plain).
+        *(".exe", ".dll", ".com", ".scr", ".pif", ".cpl", ".msi", ".msp", ".lnk", ".reg"),
+        *(".bat", ".cmd", ".vbs", ".vbe", ".js", ".jse", ".wsf", ".wsh", ".hta", ".msc"),
+        *(".ps1", ".psm1", ".psd1", ".jar", ".apk", ".app", ".sh", ".elf", ".so"),
+        # and a web server runs these when the backend stores them where it serves files
+        *(".php", ".phtml", ".phar", ".asp", ".aspx", ".jsp", ".cgi"),
+    }
+)
+"""Names that run: a file called so is an executable whatever its content (blocked unless a
+channel names the extension or ``executables``)."""
+
 OFFICE_TYPES = frozenset(
     {
         "application/msword",
@@ -156,6 +170,9 @@ EXTENSIONS: Mapping[str, frozenset[str]] = MappingProxyType(
             ".xml": {"text/xml", "application/xml"},
             ".html": {"text/html"},
             ".htm": {"text/html"},
+            ".xhtml": {"application/xhtml+xml", "text/html", "text/xml", "application/xml"},
+            ".xht": {"application/xhtml+xml", "text/html", "text/xml", "application/xml"},
+            ".shtml": {"text/html"},
             ".zip": {ZIP},
             ".gz": {"application/gzip"},
             ".tgz": {"application/gzip"},
@@ -209,6 +226,17 @@ def extension_of(filename: str | None) -> str:
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
     stem, dot, ext = base.rpartition(".")
     return f".{ext.lower()}" if dot and stem and ext else ""
+
+
+def as_named(sniffed: str, extension: str) -> str:
+    """An OOXML package named ``.zip`` is judged as the ZIP archive it also is.
+
+    A DOCX is a ZIP holding ``[Content_Types].xml`` and ``word/``, and any other entries too:
+    sent as ``tools.zip``, it is stored and opened as an archive, so a channel that admits
+    documents but not archives must not admit it as a document."""
+    if extension == ".zip" and sniffed in (DOCX, XLSX, PPTX):
+        return ZIP
+    return sniffed
 
 
 def is_executable(mime: str) -> bool:
@@ -273,10 +301,14 @@ def matches_entry(entry: str, sniffed: str, extension: str) -> bool:
 
     Executables only match entries that name them exactly (the group, the MIME type, or the
     extension): ``application/*`` or ``*/*`` must not open a channel to programs by accident.
+    A file *named* as something that runs (:data:`EXECUTABLE_EXTENSIONS`) is one, whatever its
+    content: only ``executables`` or its own extension admit it.
     """
     entry = entry.strip().lower()
     mime = normalise(sniffed)
     executable = is_executable(mime)
+    if extension in EXECUTABLE_EXTENSIONS and not executable:
+        return entry in ("executables", extension)
     if entry in GROUPS:
         return any(matches_entry(member, sniffed, extension) for member in GROUPS[entry]) or (
             entry == "executables" and executable
