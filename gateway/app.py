@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.admin import build_admin_app
 from gateway.auth.authenticator import Authenticator
 from gateway.config.model import Config
-from gateway.forward import Forwarder
+from gateway.forward import Forwarder, keep_backend_content_type
 from gateway.handler import handle
 from gateway.metrics import Metrics
 from gateway.redis_client import build_redis
@@ -45,6 +45,7 @@ def build_app(state: GatewayState) -> web.Application:
     app = web.Application(client_max_size=0)  # the handler counts bytes itself (SPEC §4)
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_no_automatic_continue)
+    app.on_response_prepare.append(keep_backend_content_type)
     app.cleanup_ctx.append(_lifetimes)
     return app
 

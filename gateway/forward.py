@@ -6,11 +6,18 @@ by chunk. aiohttp's client would normally decompress responses; that is off, so 
 exactly the bytes the backend sent. Failures before the backend answered become problem+json
 (502/504); a failure after the response started can only be signalled by cutting the connection
 (:class:`ResponseAborted`), so a half response is never passed off as a whole one.
+
+Like nginx, it adds nothing the backend did not send (aiohttp's default Content-Type is taken
+back off), frames a body without a length as the client's HTTP version allows (chunked, or by
+closing for HTTP/1.0), refuses a response header it could not relay unchanged (502), and never
+reuses a pooled connection that received bytes while idle (:class:`_CleanPoolConnector`). The
+session keeps no cookies: one client's ``Set-Cookie`` must never ride on another's request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -18,19 +25,76 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.body import next_piece
 from gateway.config.model import BackendConfig
 from gateway.errors import GatewayError
-from gateway.headers import end_to_end
+from gateway.headers import end_to_end, has_undecodable_bytes
 from gateway.metrics import Metrics
 
 LOGGER = logging.getLogger("upload_gateway.forward")
 READ_CHUNK = 256 * 1024
 # Headers aiohttp's server computes itself for the response it writes.
 _RESPONSE_FRAMING = ("content-length",)  # Transfer-Encoding is hop-by-hop already
+
+
+class _CountingHandler(ResponseHandler):
+    """Counts the bytes a backend connection received, so the pool can tell whether any
+    arrived while it sat idle."""
+
+    received = 0
+    released_at = -1
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        super().data_received(data)
+
+
+class _CleanPoolConnector(aiohttp.TCPConnector):
+    """Never hands out a pooled connection that received anything while idle.
+
+    Bytes that arrive on an idle keep-alive connection (a backend's late body after a 204/304,
+    bytes past its Content-Length, an unsolicited response) would be parsed and queued by
+    aiohttp and read by the next request as *its* response, and every later request on that
+    connection would get the previous one's (aio-libs/aiohttp#13656). nginx closes an idle
+    upstream connection on any unexpected data (``ngx_http_upstream_keepalive_close_handler``).
+    """
+
+    def __init__(self, *, limit: int, keepalive_timeout: float, ssl: object) -> None:
+        super().__init__(limit=limit, keepalive_timeout=keepalive_timeout, ssl=ssl)  # type: ignore[arg-type]
+        self._factory = functools.partial(_CountingHandler, loop=self._loop)  # type: ignore[assignment]
+
+    def _release(self, key, protocol, *, should_close=False):  # type: ignore[no-untyped-def]
+        if isinstance(protocol, _CountingHandler):
+            protocol.released_at = protocol.received
+        super()._release(key, protocol, should_close=should_close)
+
+    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
+        while (conn := await super()._get(key, traces)) is not None:
+            proto = conn.protocol
+            if (
+                isinstance(proto, _CountingHandler)
+                and proto.received == proto.released_at
+                and not proto.should_close
+            ):
+                return conn
+            conn.close()  # dirty: never reuse it
+        return None
+
+
+class RelayedResponse(web.StreamResponse):
+    """A backend's response on its way back; ``backend_content_type`` is False when the backend
+    sent none, so the ``on_response_prepare`` hook removes the default aiohttp adds."""
+
+    backend_content_type = True
+
+
+async def keep_backend_content_type(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, RelayedResponse) and not response.backend_content_type:
+        response.headers.popall("Content-Type", None)
 
 
 class ResponseAborted(ConnectionResetError):
@@ -64,10 +128,10 @@ class Forwarder:
                 context.check_hostname = False
                 context.verify_mode = ssl_module.CERT_NONE
             ssl = context
-        connector = aiohttp.TCPConnector(
+        connector = _CleanPoolConnector(
             limit=self._config.pool_size,
             keepalive_timeout=30,
-            ssl=ssl,  # type: ignore[arg-type]
+            ssl=ssl,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -147,6 +211,13 @@ class Forwarder:
             raise GatewayError(
                 "backend_unavailable", "the backend refused or dropped the connection"
             ) from exc
+        if has_undecodable_bytes(backend.headers):
+            backend.close()
+            self._metrics.backend_errors.labels(kind="invalid_response").inc()
+            raise GatewayError(
+                "backend_unavailable",
+                "the backend sent a header value that is not valid UTF-8",
+            )
         result.backend_seconds = time.monotonic() - started
         self._metrics.backend_duration.labels(route).observe(result.backend_seconds)
         async with backend:
@@ -159,25 +230,38 @@ class Forwarder:
         route: str,
         result: ForwardResult,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=backend.status, reason=backend.reason)
+        response = RelayedResponse(status=backend.status, reason=backend.reason)
         response.headers.extend(end_to_end(backend.headers, drop=_RESPONSE_FRAMING))
+        response.backend_content_type = "Content-Type" in backend.headers
         length = backend.headers.get("Content-Length")
         if length is not None and length.isdigit():
             response.content_length = int(length)
-        elif _has_body(request.method, backend.status):
-            response.enable_chunked_encoding()
+        # Otherwise aiohttp frames the body itself: chunked for HTTP/1.1, and delimited by
+        # closing the connection for HTTP/1.0 (which has no chunked coding).
         await response.prepare(request)
+        async for chunk in self._body(request, backend):
+            try:
+                await response.write(chunk)
+            except ConnectionError as exc:
+                # The client went away (aiohttp's ClientConnectionResetError is a ClientError
+                # too, so it must not reach the backend's handler below): a 499.
+                raise ConnectionResetError("client closed the connection") from exc
+        await response.write_eof()
+        return response
+
+    async def _body(
+        self, request: web.Request, backend: aiohttp.ClientResponse
+    ) -> AsyncIterator[bytes]:
+        """The backend's body; reading it failing is the backend's fault."""
         try:
             async for chunk in _response_pieces(backend):
-                await response.write(chunk)
+                yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is a cut connection.
             self._metrics.backend_errors.labels(kind="response_aborted").inc()
             if request.transport is not None:
                 request.transport.abort()
             raise ResponseAborted("backend dropped the response mid-body") from exc
-        await response.write_eof()
-        return response
 
 
 def _response_pieces(backend: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -193,7 +277,3 @@ def _response_pieces(backend: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 async def _whole_pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     while piece := await next_piece(content):
         yield piece
-
-
-def _has_body(method: str, status: int) -> bool:
-    return method != "HEAD" and status not in (204, 304) and not 100 <= status < 200

@@ -26,6 +26,7 @@ import re
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.headers import has_undecodable_bytes
 
 # RFC 9110 §5.6.2 token; aiohttp's C parser only knows registered methods anyway.
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -41,6 +42,8 @@ def check_framing(request: web.BaseRequest) -> None:
     if not request.raw_path.startswith("/"):
         raise _malformed("the request target must be a path (origin-form), like /streams/1/objects")
     _check_transfer_encoding(request)
+    if has_undecodable_bytes(request.headers):
+        raise _malformed("a header value is not valid UTF-8 and cannot be forwarded unchanged")
 
 
 def _check_transfer_encoding(request: web.BaseRequest) -> None:

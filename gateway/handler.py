@@ -188,12 +188,13 @@ def _body_stream(request: web.Request, config: Config) -> BodyStream:
 def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:
     """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
     headers = end_to_end(request.headers, drop=("content-length", "expect", "host"))
-    for name in [k for k in headers if k.lower().startswith("x-gateway-")]:
-        del headers[name]  # never let a client assert what only the gateway may say
+    for name in [k for k in headers if k.lower().replace("_", "-").startswith("x-gateway-")]:
+        # never let a client assert what only the gateway may say, in either spelling (CGI and
+        # WSGI backends read X_Gateway_Client_Id and X-Gateway-Client-Id as one variable)
+        headers.popall(name, None)
     headers["X-Request-Id"] = rid
-    headers["X-Forwarded-For"] = forwarded_for(
-        request.headers.get("X-Forwarded-For"), request.remote or ""
-    )
+    chain = ", ".join(request.headers.getall("X-Forwarded-For", []))  # every line, in order
+    headers["X-Forwarded-For"] = forwarded_for(chain or None, request.remote or "")
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.headers.get("Host", "")
     if identity is not None:

@@ -28,6 +28,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# aiohttp's parsers decode header bytes as UTF-8 with surrogateescape; its writer silently
+# deletes those surrogates, so a non-UTF-8 byte (obs-text, RFC 9110 §5.5) would vanish.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -82,3 +85,8 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
 def forwarded_for(existing: str | None, peer: str) -> str:
     """Append the peer to any ``X-Forwarded-For`` chain (nginx's ``$proxy_add_x_forwarded_for``)."""
     return f"{existing}, {peer}" if existing else peer
+
+
+def has_undecodable_bytes(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    """A header value held bytes that are not UTF-8: aiohttp cannot write them back unchanged."""
+    return any(not v.isascii() and _UNDECODABLE.search(v) for v in headers.values())

@@ -359,7 +359,8 @@ async def test_a_client_vanishing_mid_download_stops_the_backend_transfer_and_le
     fault_gw: GatewayProc, backend: FaultBackend, agent: str
 ) -> None:
     await assert_still_serving(fault_gw, agent, backend)
-    baseline = len(fds(fault_gw))
+    baseline, logged = len(fds(fault_gw)), len(fault_gw.log())
+    backend_errors = gauge(fault_gw.admin_port, "upload_gateway_backend_errors_total")
     size = 256 * MiB
     with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
         sock.sendall(raw_head("GET", f"/fault/big/{size}", agent))
@@ -372,6 +373,11 @@ async def test_a_client_vanishing_mid_download_stops_the_backend_transfer_and_le
     assert wait_until(lambda: not _still_sending(rec), timeout=5)
     assert rec.response_sent < size
     assert_released(fault_gw, baseline)
+    # The client left, the backend did nothing wrong: 499, not a backend error (a failed write
+    # to the client is an aiohttp ClientError too).
+    assert wait_until(lambda: "/fault/big/" in fault_gw.log()[logged:])
+    assert_closed_quietly(fault_gw.log()[logged:], f"/fault/big/{size}")
+    assert gauge(fault_gw.admin_port, "upload_gateway_backend_errors_total") == backend_errors
     await assert_still_serving(fault_gw, agent, backend)
 
 

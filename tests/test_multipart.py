@@ -573,7 +573,7 @@ async def test_the_boundary_inside_a_part_is_found_however_the_body_is_cut(
     body = (
         b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         + files.png()
-        + b"\n--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.exe\"\r\n\r\n"
+        + b'\n--x\r\nContent-Disposition: form-data; name="file"; filename="e.exe"\r\n\r\n'
         + files.elf()
         + b"\r\n--x--\r\n"
     )

@@ -10,6 +10,11 @@ The behaviour is chosen by the request path, so one backend serves every fault:
 * ``/fault/reset-response-length``   promise ``Content-Length: 1000000``, send 1,000 bytes, RST
 * ``/fault/reset-response-chunked``  chunked: one 1,000-byte chunk, then RST (no last chunk)
 * ``/fault/big/{n}``     send ``n`` bytes with a Content-Length (records how many went out)
+* ``/fault/late/{204,304,length}``  answer, then 100 ms later send :data:`POISON` on the same
+  (by then idle, pooled) connection: after a 204/304, or past a ``Content-Length``
+* ``/fault/whoami/…``    answer with the path asked for, so a client can tell its answer
+* ``/fault/chunked``, ``/fault/close-delimited``  a body without a Content-Length
+* ``/fault/no-content-type``, ``/fault/latin1-header``  what a framework would not send
 * anything else          read the body and answer 200 with a small JSON document
 
 Every request is recorded (:class:`Received`) *as soon as its head arrives*, and completed as the
@@ -36,6 +41,18 @@ from dataclasses import dataclass, field
 from tests.support.procs import free_port
 
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST instead of a FIN
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nContent-Type: text/plain\r\n\r\nPOISONED!"
+_ODD_ANSWERS = {
+    "/fault/late/204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/fault/late/304": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n',
+    "/fault/late/length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/fault/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+    "/fault/close-delimited": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello",
+    "/fault/no-content-type": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "/fault/latin1-header": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    b'Content-Disposition: attachment; filename="caf\xe9.pdf"\r\n\r\nok',
+}
 PARTIAL_READ = 64 * 1024
 
 
@@ -228,6 +245,18 @@ class FaultBackend:
             return False
         if path.startswith("/fault/big/"):
             return self._send_big(conn, rec, int(path.rsplit("/", 1)[1]))
+        if path in _ODD_ANSWERS:
+            conn.sock.sendall(_ODD_ANSWERS[path])
+            if path.startswith("/fault/late/"):
+                time.sleep(0.1)  # the gateway has put the connection back in its pool by now
+                conn.sock.sendall(POISON)
+            return path != "/fault/close-delimited"
+        if path.startswith("/fault/whoami/"):
+            body = f"you asked for {path}".encode()
+            conn.sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            return True
         body = json.dumps(
             {"status": "success", "length": rec.length, "sha256": rec.sha256}
         ).encode()
