@@ -125,6 +125,8 @@ def filename_of(value: str, options: dict[bytes, bytes]) -> str | None:
     """
     filename = options.get(b"filename")
     text = _decode(filename) if filename is not None else None
+    if "*" not in value:
+        return text
     for key, raw in _PARAMETER.findall(value):
         if key.lower() == "filename*":
             extended = unquote(raw.strip().strip('"').split("''", 1)[-1])
