@@ -187,7 +187,8 @@ def _body_stream(request: web.Request, config: Config) -> BodyStream:
 
 def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:
     """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
-    headers = end_to_end(request.headers, drop=("content-length", "expect", "host"))
+    # "Proxy" is httpoxy: a CGI backend would take it for its HTTP_PROXY (nginx's advice too)
+    headers = end_to_end(request.headers, drop=("content-length", "expect", "host", "proxy"))
     for name in [k for k in headers if k.lower().replace("_", "-").startswith("x-gateway-")]:
         # never let a client assert what only the gateway may say, in either spelling (CGI and
         # WSGI backends read X_Gateway_Client_Id and X-Gateway-Client-Id as one variable)

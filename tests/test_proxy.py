@@ -124,12 +124,13 @@ def test_hop_by_hop_headers_are_not_forwarded(
         "TE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nTrailer: X-T\r\n"
         "X-End-To-End: kept\r\nX-Request-Id: trace-123\r\nX-Gateway-Client-Id: spoofed\r\n"
         "X_Gateway_Client_Id: spoofed-too\r\n"  # the same variable to a CGI/WSGI backend
+        "Proxy: http://evil.example:8080\r\n"  # httpoxy: HTTP_PROXY to a CGI backend
         "X-Forwarded-For: 10.9.8.7\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n"  # an LB's own line
     ).encode()
     assert raw_request(gateway.port, payload).status == 200
     [rec] = backend.records()
     seen = seen_headers(rec)
-    for hop in ("x-private", "keep-alive", "te", "proxy-authorization", "trailer"):
+    for hop in ("x-private", "keep-alive", "te", "proxy-authorization", "trailer", "proxy"):
         assert hop not in seen, hop
     assert seen.get("connection", ["keep-alive"]) != ["close, X-Private"]
     assert seen["x-end-to-end"] == ["kept"]
