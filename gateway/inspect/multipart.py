@@ -30,6 +30,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.errors import GatewayError
+from gateway.inspect.occurs import occurs
 
 MAX_PREAMBLE = 1024
 MAX_FIELDS = 256
@@ -238,7 +239,7 @@ class MultipartInspector:
         """``--boundary`` inside a part's data (RFC 2046: it must not occur there) is a part
         boundary to Werkzeug and ``email`` when a bare LF precedes it, and data to us."""
         keep = len(self._delimiter) - 1
-        if data.find(self._delimiter, start, end) != -1:
+        if occurs(self._delimiter, data, start, end):
             raise malformed("the multipart boundary occurs inside a part's data")
         if self._tail and self._delimiter in self._tail + data[start : start + keep]:
             raise malformed("the multipart boundary occurs inside a part's data")
