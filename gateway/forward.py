@@ -211,13 +211,11 @@ class Forwarder:
             raise GatewayError(
                 "backend_unavailable", "the backend refused or dropped the connection"
             ) from exc
-        if has_undecodable_bytes(backend.headers):
+        unfit = _unrelayable(backend)
+        if unfit is not None:
             backend.close()
             self._metrics.backend_errors.labels(kind="invalid_response").inc()
-            raise GatewayError(
-                "backend_unavailable",
-                "the backend sent a header value that is not valid UTF-8",
-            )
+            raise GatewayError("backend_unavailable", unfit)
         result.backend_seconds = time.monotonic() - started
         self._metrics.backend_duration.labels(route).observe(result.backend_seconds)
         async with backend:
@@ -262,6 +260,17 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.abort()
             raise ResponseAborted("backend dropped the response mid-body") from exc
+
+
+def _unrelayable(backend: aiohttp.ClientResponse) -> str | None:
+    """Why a response cannot be passed on as it is, if it cannot: a header aiohttp would edit,
+    or a switch of protocols nobody asked for (``Upgrade`` is never forwarded, and relaying a
+    101 would leave the client waiting on a connection that speaks nothing it knows)."""
+    if backend.status == 101:
+        return "the backend switched protocols although no upgrade was asked for"
+    if has_undecodable_bytes(backend.headers):
+        return "the backend sent a header value that is not valid UTF-8"
+    return None
 
 
 def _response_pieces(backend: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

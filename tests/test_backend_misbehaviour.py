@@ -122,3 +122,11 @@ def test_a_request_header_that_cannot_be_forwarded_unchanged_is_a_400(
     response = parse_response(get(odd_gw, token, "/fault/whoami/x", extra=b"X-Name: caf\xe9\r\n"))
     assert_problem(response, 400, "malformed_request")
     assert odd_backend.records() == []
+
+
+def test_a_switch_of_protocols_nobody_asked_for_is_a_502(odd_gw: GatewayProc, token: str) -> None:
+    """``Upgrade`` is never forwarded, so a 101 is a broken backend; relayed, it would leave the
+    client on a connection speaking a protocol it never asked for, waiting."""
+    before = backend_errors(odd_gw)
+    assert_problem(parse_response(get(odd_gw, token, "/fault/switch")), 502, "backend_unavailable")
+    assert backend_errors(odd_gw) == before + 1

@@ -14,7 +14,8 @@ The behaviour is chosen by the request path, so one backend serves every fault:
   (by then idle, pooled) connection: after a 204/304, or past a ``Content-Length``
 * ``/fault/whoami/…``    answer with the path asked for, so a client can tell its answer
 * ``/fault/chunked``, ``/fault/close-delimited``  a body without a Content-Length
-* ``/fault/no-content-type``, ``/fault/latin1-header``  what a framework would not send
+* ``/fault/no-content-type``, ``/fault/latin1-header``, ``/fault/switch`` (101 unasked)  what a
+  framework would not send
 * anything else          read the body and answer 200 with a small JSON document
 
 Every request is recorded (:class:`Received`) *as soon as its head arrives*, and completed as the
@@ -50,6 +51,8 @@ _ODD_ANSWERS = {
     b"5\r\nhello\r\n0\r\n\r\n",
     "/fault/close-delimited": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello",
     "/fault/no-content-type": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "/fault/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n\r\n\x81\x05hello",
     "/fault/latin1-header": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
     b'Content-Disposition: attachment; filename="caf\xe9.pdf"\r\n\r\nok',
 }
