@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -67,12 +70,14 @@ class _CleanPoolConnector(aiohttp.TCPConnector):
         super().__init__(limit=limit, keepalive_timeout=keepalive_timeout, ssl=ssl)  # type: ignore[arg-type]
         self._factory = functools.partial(_CountingHandler, loop=self._loop)  # type: ignore[assignment]
 
-    def _release(self, key, protocol, *, should_close=False):  # type: ignore[no-untyped-def]
+    def _release(
+        self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
+    ) -> None:
         if isinstance(protocol, _CountingHandler):
             protocol.released_at = protocol.received
         super()._release(key, protocol, should_close=should_close)
 
-    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
         while (conn := await super()._get(key, traces)) is not None:
             proto = conn.protocol
             if (
