@@ -8,6 +8,7 @@ this module only writes both files, so ``bench.run`` and a re-render produce the
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ def rerender(path: Path) -> None:
     write(result, path.parent)
 
 
-if __name__ == "__main__":
-    import sys
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("results", nargs="?", type=Path, default=Path("bench/results.json"))
+    rerender(parser.parse_args().results)
 
-    rerender(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json"))
+
+if __name__ == "__main__":
+    main()
