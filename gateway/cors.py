@@ -3,7 +3,9 @@
 A browser that gets a 413 without ``Access-Control-Allow-Origin`` reports a CORS failure and hides
 the real answer from the chat widget; so every problem+json we make carries the headers when the
 request's Origin is allowed. Preflights are not ours to answer: they go to the backend unchanged
-(without a Secret, since browsers never send one on a preflight, SPEC §3).
+(without a Secret, since browsers never send one on a preflight, SPEC §3) — except for the
+gateway's own endpoint (``GET /_gateway/policy/{channel}``), whose preflight only the gateway can
+answer.
 """
 
 from __future__ import annotations
@@ -28,3 +30,17 @@ def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: C
     response.headers["Access-Control-Allow-Credentials"] = "true"
     response.headers["Access-Control-Expose-Headers"] = EXPOSED
     response.headers.add("Vary", "Origin")
+
+
+def preflight_response(request: web.Request, cors: CorsConfig, auth_header: str) -> web.Response:
+    """The answer to a preflight for the gateway's own endpoint: GET with the Secret's header."""
+    response = web.Response(status=204)
+    origin = request.headers.get("Origin")
+    if origin and (origin in cors.allowed_origins or "*" in cors.allowed_origins):
+        add_cors_headers(response, request, cors)
+        response.headers["Access-Control-Allow-Methods"] = "GET"
+        response.headers["Access-Control-Allow-Headers"] = auth_header
+        response.headers["Access-Control-Max-Age"] = str(cors.max_age)
+    else:
+        response.headers.add("Vary", "Origin")
+    return response

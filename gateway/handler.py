@@ -19,7 +19,7 @@ from gateway.accesslog import RequestRecord, log_request
 from gateway.auth.authenticator import Identity
 from gateway.body import BodyStream
 from gateway.config.model import Config
-from gateway.cors import add_cors_headers, is_preflight
+from gateway.cors import add_cors_headers, is_preflight, preflight_response
 from gateway.errors import GatewayError, problem_response
 from gateway.forward import ForwardResult, ResponseAborted
 from gateway.headers import end_to_end, forwarded_for, request_id
@@ -75,13 +75,19 @@ async def _serve(
     request: web.Request, state: GatewayState, config: Config, record: RequestRecord
 ) -> web.StreamResponse:
     if is_preflight(request):
-        return await _forward(
-            request, state, config, record, identity=None, body=_body(request, config)
-        )
+        if request.body_exists or "Transfer-Encoding" in request.headers:
+            # A preflight never has a body (Fetch); the Secret exemption must not make OPTIONS
+            # an unauthenticated way to send bytes to the backend.
+            raise GatewayError("malformed_request", "a CORS preflight carries no body")
+        if request.path.startswith(POLICY_PREFIX):
+            return preflight_response(request, config.cors, state.auth.config.header)
+        return await _forward(request, state, config, record, identity=None, body=None)
     identity = await state.auth.authenticate(request.headers, request.remote or "")
     record.client_id = identity.client_id
     if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
-        return policy_response(request, config, identity.claims, record.request_id)
+        response = policy_response(request, config, identity.claims, record.request_id)
+        add_cors_headers(response, request, config.cors)  # SPEC §5: the widget must read it
+        return response
     target = match_upload(config, request.method, request.raw_path)
     if target is None:
         await _send_continue(request)
@@ -188,7 +194,10 @@ def _body_stream(request: web.Request, config: Config) -> BodyStream:
 def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:
     """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
     # "Proxy" is httpoxy: a CGI backend would take it for its HTTP_PROXY (nginx's advice too)
-    headers = end_to_end(request.headers, drop=("content-length", "expect", "host", "proxy"))
+    drop: tuple[str, ...] = ("content-length", "expect", "host", "proxy")
+    if identity is None:  # a preflight: a credential nobody verified is not passed on
+        drop += (request.app[STATE].auth.config.header.lower(),)
+    headers = end_to_end(request.headers, drop=drop)
     for name in [k for k in headers if k.lower().replace("_", "-").startswith("x-gateway-")]:
         # never let a client assert what only the gateway may say, in either spelling (CGI and
         # WSGI backends read X_Gateway_Client_Id and X-Gateway-Client-Id as one variable)

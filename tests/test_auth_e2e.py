@@ -12,7 +12,9 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
+import redis
 
+from gateway.auth.keystore import KeyStore, digest
 from tests.conftest import mint
 from tests.support.gateway_proc import (
     SIGNING_KEY,
@@ -23,6 +25,7 @@ from tests.support.gateway_proc import (
     start_gateway,
 )
 from tests.support.procs import RedisServer
+from tests.support.rawhttp import request as raw_request
 
 
 def new_key(gateway: GatewayProc, *extra: str) -> tuple[str, str]:
@@ -130,6 +133,52 @@ async def test_revocation_reaches_every_running_gateway_within_a_second(
     for gw in (gateway, second_gateway):
         status, doc, _ = await get(gw.url, token)
         assert status == 403 and doc["code"] == "key_not_active"
+    assert backend.records() == []
+
+
+async def test_a_revocation_missed_while_the_subscription_was_down_is_not_served_from_cache(
+    second_gateway: GatewayProc, redis_server: RedisServer, backend: BackendProc
+) -> None:
+    """The subscription drops for a moment (a Redis restart, a failover, an idle reset, ``CLIENT
+    KILL``) and a key is revoked in that moment: its message reaches nobody. redis-py reconnects
+    and resubscribes on its own, so the listener sees no error; the reconnect itself must drop
+    the cached verdicts, or the revoked key works for the whole ``cache_ttl`` (60 s here)."""
+    _, api_key = new_key(second_gateway)
+    token = mint(second_gateway, api_key)
+    assert (await get(second_gateway.url, token))[0] == 200  # an "active" verdict is cached
+    names = KeyStore(None, str(second_gateway.config["redis"]["key_prefix"]))  # names only
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        with client.pipeline(transaction=True) as pipe:  # one step: drop, revoke, announce
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.zrem(names.keys_zset, digest(api_key))
+            pipe.publish(names.revocations, digest(api_key))
+            pipe.execute()
+    finally:
+        client.close()
+    time.sleep(1.5)  # the promise is 1 s; the listener has resubscribed by now
+    assert [(await get(second_gateway.url, token))[0] for _ in range(3)] == [403, 403, 403]
+    assert [rec["path"] for rec in backend.records()] == ["/t/status/200"]  # the first only
+
+
+def test_an_authorization_header_given_twice_is_refused(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    """Only one would be verified and both forwarded: the backend (which may check the Secret
+    too) could act on the one nobody checked, here a revoked key's."""
+    key_id, api_key = new_key(gateway)
+    revoked = mint(gateway, api_key)
+    cli(gateway.config_path, "keys", "revoke", key_id)
+    response = raw_request(
+        gateway.port,
+        (
+            "GET /t/status/200 HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: Bearer {secret}\r\nAuthorization: Bearer {revoked}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode(),
+    )
+    assert response.status == 400
+    assert json.loads(response.body)["code"] == "malformed_request"
     assert backend.records() == []
 
 

@@ -104,6 +104,13 @@ class Authenticator:
 
     def _token(self, headers: Mapping[str, str]) -> str:
         """The JWT from the configured header: ``Bearer <jwt>``, or bare in a custom header."""
+        getall = getattr(headers, "getall", None)
+        if getall is not None and len(getall(self.config.header, [])) > 1:
+            # A singleton field given twice: we would verify one and forward both, and the
+            # backend (which may check the Secret too) could act on the one never verified.
+            raise GatewayError(
+                "malformed_request", f"the {self.config.header} header is given more than once"
+            )
         value = (headers.get(self.config.header) or "").strip()
         scheme, _, rest = value.partition(" ")
         if scheme.lower() == "bearer":

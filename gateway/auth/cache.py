@@ -122,8 +122,16 @@ class RevocationListener:
         # None would not mean "a quiet second" (and the loop would spin).
         # On a Redis Cluster this is a ClusterPubSub on one node, which hears every PUBLISH.
         pubsub = await redis_pubsub(self._redis)
+        connection = None
         try:
             await pubsub.subscribe(self._channel)
+            # redis-py re-connects and re-subscribes a PubSub by itself (its Retry on
+            # ConnectionError), so a short drop never reaches this loop as an error; yet a
+            # revocation PUBLISHed during it reached nobody. Every re-connect therefore counts
+            # as a loss: the cache is cleared (after redis-py's own callback re-subscribed).
+            connection = pubsub.connection
+            if connection is not None:
+                connection.register_connect_callback(self._reconnected)
             # Only now can no revocation slip by: anything cached before may be stale.
             self._cache.clear()
             self._cache.enabled = True
@@ -148,8 +156,17 @@ class RevocationListener:
                     await pubsub.ping()
                     pinged = now
         finally:
+            if connection is not None:  # it goes back to the pool: it is not ours to watch
+                connection.deregister_connect_callback(self._reconnected)
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _reconnected(self, connection: object) -> None:
+        """The subscription's connection was re-made: revocations may have been missed."""
+        log.warning("revocation subscription re-connected; dropping cached verdicts")
+        self._cache.clear()
+        if self._on_error is not None:
+            self._on_error()
 
 
 def _reraise_if_cancelled() -> None:
