@@ -21,13 +21,28 @@ def is_preflight(request: web.Request) -> bool:
     return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
+def allowed_origin(request: web.Request, cors: CorsConfig) -> str | None:
+    """The ``Access-Control-Allow-Origin`` value for this request, or None.
+
+    A listed origin is echoed (with credentials); ``*`` in the list admits any other origin as
+    ``*``, without credentials, so a wildcard never lets every site read credentialed answers
+    (and ``null``, the origin of sandboxed frames and local files, only ever as ``*``)."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return None
+    if origin in cors.allowed_origins:
+        return origin
+    return "*" if "*" in cors.allowed_origins else None
+
+
 def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: CorsConfig) -> None:
     """Allow the browser to read a response the gateway made itself, for allowed origins only."""
-    origin = request.headers.get("Origin")
-    if not origin or not (origin in cors.allowed_origins or "*" in cors.allowed_origins):
+    allowed = allowed_origin(request, cors)
+    if allowed is None:
         return
-    response.headers["Access-Control-Allow-Origin"] = origin
-    response.headers["Access-Control-Allow-Credentials"] = "true"
+    response.headers["Access-Control-Allow-Origin"] = allowed
+    if allowed != "*":
+        response.headers["Access-Control-Allow-Credentials"] = "true"
     response.headers["Access-Control-Expose-Headers"] = EXPOSED
     response.headers.add("Vary", "Origin")
 
@@ -35,12 +50,11 @@ def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: C
 def preflight_response(request: web.Request, cors: CorsConfig, auth_header: str) -> web.Response:
     """The answer to a preflight for the gateway's own endpoint: GET with the Secret's header."""
     response = web.Response(status=204)
-    origin = request.headers.get("Origin")
-    if origin and (origin in cors.allowed_origins or "*" in cors.allowed_origins):
-        add_cors_headers(response, request, cors)
-        response.headers["Access-Control-Allow-Methods"] = "GET"
-        response.headers["Access-Control-Allow-Headers"] = auth_header
-        response.headers["Access-Control-Max-Age"] = str(cors.max_age)
-    else:
+    if allowed_origin(request, cors) is None:
         response.headers.add("Vary", "Origin")
+        return response
+    add_cors_headers(response, request, cors)
+    response.headers["Access-Control-Allow-Methods"] = "GET"
+    response.headers["Access-Control-Allow-Headers"] = auth_header
+    response.headers["Access-Control-Max-Age"] = str(cors.max_age)
     return response

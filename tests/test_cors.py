@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
+from gateway.config.model import CorsConfig
+from gateway.cors import add_cors_headers
 from tests.support.gateway_proc import BackendProc, GatewayProc
 from tests.test_uploads import UPLOAD, assert_refused
 
@@ -74,3 +79,21 @@ async def test_a_forwarded_preflight_carries_no_unverified_credential(
     [rec] = backend.records()
     assert rec["method"] == "OPTIONS"
     assert "authorization" not in {name.lower() for name, _ in rec["headers"]}
+
+
+@pytest.mark.parametrize(
+    ("origin", "allow", "credentials"),
+    [
+        (ORIGIN, ORIGIN, "true"),  # listed: echoed, with credentials
+        ("https://elsewhere.test", "*", None),  # only the wildcard admits it: no credentials
+        ("null", "*", None),  # a sandboxed frame or a local file
+    ],
+)
+def test_a_wildcard_never_admits_credentials(
+    origin: str, allow: str, credentials: str | None
+) -> None:
+    response = web.Response()
+    request = make_mocked_request("GET", "/", headers={"Origin": origin})
+    add_cors_headers(response, request, CorsConfig(allowed_origins=(ORIGIN, "*")))
+    assert response.headers["Access-Control-Allow-Origin"] == allow
+    assert response.headers.get("Access-Control-Allow-Credentials") == credentials
