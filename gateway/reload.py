@@ -11,14 +11,34 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import replace
 
 from gateway.config import ConfigError, load_config
+from gateway.config.model import Config
 from gateway.metrics import Metrics
 from gateway.state import ConfigHolder
 
 LOGGER = logging.getLogger("upload_gateway.reload")
 POLL_SECONDS = 1.0
 SETTLE_SECONDS = 0.1
+
+
+def fixed_at_start(old: Config, new: Config) -> list[str]:
+    """The settings a reload does not apply (README, Configuration) that differ in ``new``:
+    a successful reload must not let an operator believe a new signing key is in force."""
+    changed = [
+        name
+        for name in ("listen", "admin_listen", "backend", "redis", "auth")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if (old.spool.max_bytes, old.spool.memory_budget) != (
+        new.spool.max_bytes,
+        new.spool.memory_budget,
+    ):
+        changed.append("spool.max_bytes/memory_budget")
+    if replace(old.server, body_timeout=0) != replace(new.server, body_timeout=0):
+        changed.append("server (all but body_timeout)")
+    return changed
 
 
 class ConfigWatcher:
@@ -55,9 +75,15 @@ class ConfigWatcher:
             self._metrics.config_reloads.labels(result="failure").inc()
             LOGGER.error("config reload failed, keeping the running policy:\n%s", exc)
             return False
+        fixed = fixed_at_start(self._holder.current, config)
         self._holder.swap(config)
         self._metrics.config_reloads.labels(result="success").inc()
         LOGGER.info("config reloaded from %s (generation %d)", self._path, self._holder.generation)
+        if fixed:
+            LOGGER.warning(
+                "config reloaded, but these changed settings take effect only after a restart: %s",
+                ", ".join(fixed),
+            )
         return True
 
     async def _poll(self) -> None:
