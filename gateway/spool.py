@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.spool_file import (
     BATCH_RECORDS,
     LARGE_BATCH_RECORDS,
+    MIN_RECORD,
     STORED_RECORD,
     SpoolFile,
     spool_full,
@@ -25,6 +26,10 @@ from gateway.spool_file import (
 
 _LARGE_BATCH_SHARE = 8  # large write batches take at most 1/8 of the memory budget
 _LARGE_BATCH_EXTRA = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * STORED_RECORD
+# In memory, pieces under this are gathered (up to MIN_RECORD) instead of kept one object each:
+# a bytes object costs ~40 bytes (plus a list slot) that the memory budget does not see, ~10 %
+# of a piece this size, but 14x the share of a body paced in 4-byte pieces.
+_SMALL_PIECE = 512
 
 
 class SpoolBudget:
@@ -85,6 +90,7 @@ class Spool:
         # its file from the first byte and leaves the memory budget to bodies that fit.
         self._to_disk = expected_size is not None and expected_size > config.memory_threshold
         self._memory: list[bytes] = []
+        self._gather = bytearray()  # pieces under _SMALL_PIECE, joining _memory at MIN_RECORD
         self._held = 0  # bytes of _memory counted in the budget's memory share
         self._batch_held = 0  # the budget's share taken for a large write batch
         self._file: SpoolFile | None = None
@@ -118,11 +124,22 @@ class Spool:
             spill = self._spill_reason(len(chunk))
             if spill is None:
                 self._held += len(chunk)
-                self._memory.append(bytes(chunk))
+                if len(chunk) < _SMALL_PIECE:
+                    self._gather += chunk
+                    if len(self._gather) >= MIN_RECORD:
+                        self._flush_gathered()
+                else:
+                    self._flush_gathered()
+                    self._memory.append(bytes(chunk))
                 return
             await self._spill(spill)
         assert self._file is not None
         await self._file.append(chunk)
+
+    def _flush_gathered(self) -> None:
+        if self._gather:
+            self._memory.append(bytes(self._gather))
+            self._gather = bytearray()
 
     def _spill_reason(self, more: int) -> str | None:
         """None when ``more`` bytes may join the body in memory (taking their budget share)."""
@@ -139,6 +156,7 @@ class Spool:
         if self.sealed:
             return
         self.sealed = True
+        self._flush_gathered()
         if self._file is not None:
             await self._file.seal()
             self._release_batch_share()
@@ -150,6 +168,7 @@ class Spool:
             self._metrics.spool_spills.labels(reason=reason).inc()
         # Hand what memory held to the file piece by piece, so this upload never holds its
         # memory part, a joined copy and the ciphertext at once.
+        self._flush_gathered()
         held, self._memory = self._memory[::-1], []
         while held:
             piece = held.pop()
@@ -214,6 +233,7 @@ class Spool:
         if self._metrics is not None:
             self._metrics.spool_bytes.dec(self.size)
         self._memory = []
+        self._gather = bytearray()
         handle, self._file = self._file, None
         if handle is not None:
             await handle.aclose()

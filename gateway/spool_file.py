@@ -290,7 +290,13 @@ def _create_unlinked(directory: str, path: str) -> BinaryIO:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         _MADE_DIRS.add(directory)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        # The directory went away since it was made (a tmp cleaner, an operator): make it
+        # again, once, rather than answer 507 to every spill until a restart.
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
     try:
         os.unlink(path)
     except BaseException:

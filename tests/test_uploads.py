@@ -375,6 +375,35 @@ def test_a_client_vanishing_mid_upload_leaves_nothing_behind(
 # -- clients and browsers --------------------------------------------------------------------
 
 
+async def test_empty_file_inputs_count_as_fields_and_are_bounded(
+    gateway: GatewayProc, backend: BackendProc, agent_secret: str
+) -> None:
+    """A browser's empty file input (``filename=""``, no bytes) is not a file, so it counts
+    against neither ``max_files`` nor the file rules; unbounded, each one was kept for the whole
+    request (400,000 in 25 MB cost a worker >100 MiB). It counts as a form field now."""
+    empty = ("f", "", None, b"")
+    status, doc, headers, _ = await post(gateway, agent_secret, [empty] * 300 + [file_part("png")])
+    assert_refused(gateway, backend, status, doc, headers, 400, "malformed_request")
+    assert "form fields" in doc["detail"]
+
+
+async def test_a_removed_spool_dir_is_made_again(
+    gateway: GatewayProc, backend: BackendProc, agent_secret: str
+) -> None:
+    """A tmp cleaner may remove the (always empty) spool dir: the next spill makes it again
+    instead of every spill being 507 until a restart (nginx does the same for its temp path)."""
+    spool = Path(gateway.config["spool"]["dir"])
+    # 200 kB: over the 64 KiB memory threshold, so each of these spills
+    assert (await post(gateway, agent_secret, [file_part("pdf", 200_000)]))[0] == 200
+    shutil.rmtree(spool)
+    backend.clear()
+    status, doc, _, body = await post(gateway, agent_secret, [file_part("pdf", 200_000)])
+    assert status == 200, doc
+    assert spool.is_dir() and os.listdir(spool) == []
+    [rec] = backend.records()
+    assert rec["sha256"] == hashlib.sha256(body).hexdigest()
+
+
 def curl_upload(gateway: GatewayProc, secret: str, path: Path) -> tuple[str, str]:
     """``curl -F file=@path`` as a real client would; returns (body, HTTP status)."""
     curl = shutil.which("curl")

@@ -168,6 +168,7 @@ class MultipartInspector:
         self._current: Part | None = None
         self._touched: dict[int, Part] = {}
         self._role_parts = 0
+        self._empty_inputs = 0  # file parts that ended ignored (Part.ignored)
         self._delimiter = b"--" + boundary
         self._tail = b""  # the last bytes of the current part's data, for a delimiter cut in two
 
@@ -252,6 +253,13 @@ class MultipartInspector:
         part = self._current
         if part is not None:
             part.ended = True
+            if part.ignored:
+                # An empty file input counts against neither max_files nor the file rules, so
+                # it counts as a field: unbounded, each would cost a Part for the whole request.
+                self.fields += 1
+                if self.fields > MAX_FIELDS:
+                    raise malformed(f"more than {MAX_FIELDS} form fields")
+                self._empty_inputs += 1
             if part.is_file:
                 self._touched[id(part)] = part
             elif part.value is not None and self.role_value is None:
@@ -282,4 +290,4 @@ class MultipartInspector:
 
     @property
     def file_count(self) -> int:
-        return sum(1 for part in self.files if not part.ignored)
+        return len(self.files) - self._empty_inputs  # asked after every chunk: no scan
