@@ -54,6 +54,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_head(peers: list[str], *extra: str) -> list[str]:
+    """The head of a table with a row per cell: body, conns, one column per peer, then ``extra``."""
+    columns = [*peers, *extra]
+    return ["| body | conns | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+
+
 def _throughput_md(result: dict[str, Any]) -> list[str]:
     med, peers = result["medians"], _peers(result["medians"])
     lines = [
@@ -63,8 +69,7 @@ def _throughput_md(result: dict[str, Any]) -> list[str]:
         "10KB cells in requests/s, larger ones in MiB/s of upload body (and requests/s), "
         "counting completed 200 responses only.",
         "",
-        "| body | conns | " + " | ".join(peers) + " | w2 / buffered | w2 / auth |",
-        "|---|---:|" + "---:|" * len(peers) + "---:|---:|",
+        *_table_head(peers, "w2 / buffered", "w2 / auth"),
     ]
     for cell in result["cells"]:
         size, conns = cell.split("/c")
@@ -86,8 +91,7 @@ def _throughput_md(result: dict[str, Any]) -> list[str]:
         "Counted by the sink as they arrive, so uploads still in flight when a run ends count "
         "too: the check on the large-body cells, where a run completes only a few dozen uploads.",
         "",
-        "| body | conns | " + " | ".join(peers) + " | w2 / buffered |",
-        "|---|---:|" + "---:|" * len(peers) + "---:|",
+        *_table_head(peers, "w2 / buffered"),
     ]
     for cell in result["cells"]:
         if cell.startswith("10KB"):

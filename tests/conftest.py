@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.faults import FaultBackend
 from tests.support.gateway_proc import (
     BackendProc,
     GatewayProc,
@@ -42,6 +43,14 @@ def backend(backend_proc: BackendProc) -> BackendProc:
     """The shared backend with its record of received requests cleared for this test."""
     backend_proc.clear()
     return backend_proc
+
+
+@pytest.fixture(scope="module")
+def fault_backend() -> Iterator[FaultBackend]:
+    """A backend that misbehaves on purpose (``tests/support/faults.py``), one per module."""
+    backend = FaultBackend().start()
+    yield backend
+    backend.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,18 +24,11 @@ from tests.support.rawhttp import RawResponse, parse_response
 
 
 @pytest.fixture(scope="module")
-def odd_backend() -> Iterator[FaultBackend]:
-    backend = FaultBackend().start()
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture(scope="module")
 def odd_gw(
-    redis_server: RedisServer, odd_backend: FaultBackend, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisServer, fault_backend: FaultBackend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProc]:
     work: Path = tmp_path_factory.mktemp("odd-backend")
-    gw = start_gateway(base_config(redis_server.url, odd_backend.url, work / "spool"), work)
+    gw = start_gateway(base_config(redis_server.url, fault_backend.url, work / "spool"), work)
     yield gw
     gw.stop()
 
@@ -116,12 +109,12 @@ def test_a_response_header_aiohttp_cannot_relay_unchanged_is_a_502_not_a_silent_
 
 
 def test_a_request_header_that_cannot_be_forwarded_unchanged_is_a_400(
-    odd_gw: GatewayProc, odd_backend: FaultBackend, token: str
+    odd_gw: GatewayProc, fault_backend: FaultBackend, token: str
 ) -> None:
-    odd_backend.clear()
+    fault_backend.clear()
     response = parse_response(get(odd_gw, token, "/fault/whoami/x", extra=b"X-Name: caf\xe9\r\n"))
     assert_problem(response, 400, "malformed_request")
-    assert odd_backend.records() == []
+    assert fault_backend.records() == []
 
 
 def test_a_switch_of_protocols_nobody_asked_for_is_a_502(odd_gw: GatewayProc, token: str) -> None:

@@ -63,13 +63,6 @@ def fault_redis() -> Iterator[RedisServer]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def fault_backend() -> Iterator[FaultBackend]:
-    backend = FaultBackend().start()
-    yield backend
-    backend.stop()
-
-
 def fault_config(redis_url: str, backend_url: str, spool: Path) -> dict[str, Any]:
     config = base_config(redis_url, backend_url, spool)
     config["auth"]["cache_ttl"] = f"{CACHE_TTL:g}s"

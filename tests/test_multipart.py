@@ -96,6 +96,12 @@ async def refused(config: Config, parts: Parts, **kw: Any) -> GatewayError:
     return info.value
 
 
+async def refused_raw(config: Config, body: bytes, chunk: int = 4096) -> GatewayError:
+    """An agent's hand-made multipart body (boundary ``x``), refused."""
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    return await refused(config, [], role="agent", feeder=Feeder(body, chunk), headers=headers)
+
+
 async def body_of(upload: InspectedUpload) -> bytes:
     return b"".join([chunk async for chunk in upload.chunks()])
 
@@ -363,13 +369,7 @@ async def test_a_filename_star_part_is_still_a_file(config: Config) -> None:
         b'--x\r\nContent-Disposition: form-data; name="file"; '
         b"filename*=UTF-8''tool.png\r\n\r\n" + files.elf() + b"\r\n--x--\r\n"
     )
-    error = await refused(
-        config,
-        [],
-        role="agent",
-        feeder=Feeder(body),
-        headers={"Content-Type": "multipart/form-data; boundary=x"},
-    )
+    error = await refused_raw(config, body)
     assert error.code == "type_mismatch"
 
 
@@ -577,13 +577,7 @@ async def test_the_boundary_inside_a_part_is_found_however_the_body_is_cut(
         + files.elf()
         + b"\r\n--x--\r\n"
     )
-    error = await refused(
-        config,
-        [],
-        role="agent",
-        feeder=Feeder(body, chunk),
-        headers={"Content-Type": "multipart/form-data; boundary=x"},
-    )
+    error = await refused_raw(config, body, chunk)
     assert error.code == "malformed_request" and "inside a part" in error.detail
 
 
@@ -592,11 +586,5 @@ async def test_a_duplicate_filename_parameter_is_refused(config: Config) -> None
         b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"; '
         b'filename="b.exe"\r\n\r\n' + files.png() + b"\r\n--x--\r\n"
     )
-    error = await refused(
-        config,
-        [],
-        role="agent",
-        feeder=Feeder(body),
-        headers={"Content-Type": "multipart/form-data; boundary=x"},
-    )
+    error = await refused_raw(config, body)
     assert error.code == "malformed_request" and "two filename" in error.detail
