@@ -357,6 +357,68 @@ ERROR_CASES = [
         "not both",
     ),
     ("mode: enforce\n", "mode: enforce\nlog_level: loud\n", "log_level", "log_level", "INFO"),
+    # YAML's .nan/.inf are floats: a NaN leeway makes every `exp` check false (expired Secrets
+    # verify), a NaN max_age crashed the loader with a traceback instead of an error line.
+    ("leeway: 30s", "leeway: .nan", "auth.leeway", "leeway: .nan", "finite"),
+    ("leeway: 30s", "leeway: " + "9" * 400 + "s", "auth.leeway", "leeway:", "finite"),
+    (
+        "connect_timeout: 5s",
+        "connect_timeout: .inf",
+        "backend.connect_timeout",
+        "backend:",
+        "finite",
+    ),
+    (
+        'cors: {allowed_origins: ["https://chat.example.com"]}',
+        'cors: {allowed_origins: ["https://chat.example.com"], max_age: .nan}',
+        "cors.max_age",
+        "cors:",
+        "finite",
+    ),
+    (
+        "max_file_size: 16MB",
+        "max_file_size: " + "9" * 400 + "MB",
+        "channels.whatsapp.agents.max_file_size",
+        "max_file_size: 999",
+        "above limits.max_file_size",
+    ),
+    # Templates the segment-wise matcher could never match: uploads there went uninspected.
+    (
+        "- path: /whatsapp/uploadmedia/{channel}",
+        "- path: /whatsapp/uploadmedia/x{channel}",
+        "uploads.routes[2].path",
+        "uploadmedia",
+        "whole path segment",
+    ),
+    (
+        "- path: /whatsapp/uploadmedia/{channel}",
+        "- path: /whatsapp/uploadmedia/{channel}?v=2",
+        "uploads.routes[2].path",
+        "uploadmedia",
+        "without a query",
+    ),
+    (
+        "- path: /whatsapp/uploadmedia/{channel}",
+        "- path: /whatsapp/../uploadmedia/{channel}",
+        "uploads.routes[2].path",
+        "uploadmedia",
+        "'..' segments",
+    ),
+    (
+        "- path: /whatsapp/uploadmedia/{channel}",
+        "- path: /Streams/{channel}/objects/",
+        "uploads.routes[2].path",
+        "/Streams/",
+        "same requests as uploads.routes[0]",
+    ),
+    (
+        "  whatsapp:\n",
+        '  "a%2Fb":\n    agents: {allowed_types: [images]}\n  a/b:\n'
+        "    agents: {allowed_types: [video]}\n  whatsapp:\n",
+        "channels.a/b",
+        "  a/b:",
+        "same stream id as channels.a%2Fb",
+    ),
 ]
 
 

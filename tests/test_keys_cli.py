@@ -116,7 +116,8 @@ async def test_add_mint_and_authenticate(
 
 async def test_list_never_shows_the_key_or_its_digest(config_path: Path) -> None:
     added = run_json(config_path, "keys", "add", "--client", "acme", "--label", "ci")
-    run_json(config_path, "keys", "add", "--client", "globex", "--expires", "2001-01-01")
+    run_json(config_path, "keys", "add", "--client", "globex", "--ttl", "1s")
+    time.sleep(1.1)  # a key cannot be added expired (see the test at the end)
     rows = run_json(config_path, "keys", "list")
     assert {(r["client"], r["state"]) for r in rows} == {("acme", "active"), ("globex", "expired")}
     assert [r["key_id"] for r in run_json(config_path, "keys", "list", "--client", "acme")] == [
@@ -220,3 +221,23 @@ async def test_mint_rs256_with_private_key_file(
     )
     mismatch = mint_rs256(check=False)
     assert mismatch.returncode == 1 and mismatch.stdout == ""
+
+
+def test_a_key_that_would_be_born_expired_is_refused_and_changes_nothing(
+    config_path: Path,
+) -> None:
+    """``--expires`` with a mistyped year (or ``--ttl 0s``) printed a key that never worked,
+    exit 0; with ``rotate`` it also put an end date on the client's working keys, so the
+    client was locked out once the overlap ran out."""
+    old = run_json(config_path, "keys", "add", "--client", "acme")
+    for args in (
+        ("rotate", "--client", "acme", "--expires", "2020-01-01", "--overlap", "1h"),
+        ("rotate", "--client", "acme", "--ttl", "0s"),
+        ("add", "--client", "acme", "--expires", "2020-01-01T00:00:00Z"),
+    ):
+        result = cli(config_path, "keys", *args, "--json", check=False)
+        assert result.returncode == 1, (args, result.stdout)
+        assert "expired already" in result.stderr and "ugw_" not in result.stdout
+    (row,) = run_json(config_path, "keys", "list", "--client", "acme")
+    assert row["key_id"] == old["key_id"] and row["expires"] == old["expires"]
+    assert row["state"] == "active"

@@ -235,3 +235,21 @@ def test_an_inflight_upload_finishes_under_the_policy_it_started_with(reloading:
     assert response.status == 200, response.body
     assert b'"success"' in response.body  # the backend stored it
     assert r.post().status == 413  # a request that starts now gets the new policy
+
+
+def test_a_file_the_loader_cannot_even_read_keeps_the_watcher_alive(reloading: Reloading) -> None:
+    """YAML's ``.nan`` is a float: ``cors.max_age: .nan`` made the loader raise ValueError (not
+    ConfigError), which killed the file watcher's task: not counted as a failed reload, and
+    every later edit, good ones included, was ignored until a restart."""
+    r = reloading
+    failures = r.reloads("failure")
+    generation = r.readyz()["config_generation"]
+    broken = copy.deepcopy(r.base)
+    broken["cors"]["max_age"] = float("nan")
+    write_atomically(r.gw.config_path, dump(broken))
+    wait_for(lambda: r.reloads("failure") == failures + 1)
+    assert "cors.max_age" in r.readyz()["config_error"]
+    apply_by_edit(r, dump(with_agents(r.base, max_file_size=2999)))  # the watcher still runs
+    assert r.readyz()["config_generation"] == generation + 1
+    assert r.post().json()["limit_bytes"] == 2999
+    apply_by_edit(r, dump(r.base))

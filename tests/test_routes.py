@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config.loader import load_config_text
 from gateway.config.model import Config
-from gateway.policy.routes import UploadTarget, match_upload
+from gateway.policy.routes import UploadTarget, channel_key, match_upload
 from tests.support.files import policy_yaml
 
 
@@ -101,3 +101,16 @@ def test_a_trailing_placeholder_names_the_file(config: Config) -> None:
     assert (target.channel, target.url_filename) == ("whatsapp", "résumé.pdf")
     child = match_upload(config, "POST", "/streams/1/objects/report.pdf/child")
     assert child is not None and child.url_filename is None
+
+
+def test_channel_keys_match_however_the_id_is_encoded() -> None:
+    """The backend decodes ``AbC%3D%3D``, ``AbC%3d%3d`` and ``AbC==`` to the same stream id, so
+    a key written encoded must match all of them, not only the one spelling (SPEC §4)."""
+    text = policy_yaml("/tmp/gw-spool").replace(
+        "  small:", '  "AbC%3D%3D":\n    customers: {enabled: false}\n  small:'
+    )
+    config = load_config_text(text, require_secrets=False)
+    for stream_id in ("AbC%3D%3D", "AbC%3d%3d", "AbC==", "AbC%3D=", "Ab%43=="):
+        target = match_upload(config, "POST", f"/whatsapp/uploadmedia/{stream_id}")
+        assert target is not None and target.channel == "AbC%3D%3D", stream_id
+    assert channel_key(config, "AbC%3D") == "default"

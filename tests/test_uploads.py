@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.conftest import mint
 from tests.support.files import EXPECTED, FILENAMES, make, multipart
@@ -467,6 +468,45 @@ async def test_clients_can_ask_for_their_policy(
         async with s.get(url) as r:
             assert r.status == 401
     assert backend.records() == []
+
+
+async def test_an_encrypted_channel_key_holds_however_the_client_encodes_the_id(
+    redis_server: RedisServer,
+    backend_proc: BackendProc,
+    tmp_path: Path,
+    api_key: str,
+    gateway: GatewayProc,
+) -> None:
+    """SPEC §4: a channel key matches the stream id raw or URL-encoded. An operator copies an
+    encrypted id from a URL (``AbC%3D%3D``); one client sends it so, another sends ``AbC==``
+    (``=`` needs no escaping in a path) or lowercase hex: the backend decodes all three to the
+    same stream, so all three must get that channel's rules, not ``default``'s, and
+    ``GET /_gateway/policy/{id}`` must answer what an upload to the same id gets."""
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["channels"]["AbC%3D%3D"] = {"customers": {"enabled": False}}
+    (tmp_path / "spool").mkdir()
+    strict = start_gateway(config, tmp_path)
+    try:
+        secret = mint(gateway, api_key, "role=customer")
+        auth = {"Authorization": f"Bearer {secret}"}
+        body, ctype = multipart([file_part("png")])
+        async with aiohttp.ClientSession() as s:
+            for stream_id in ("AbC%3D%3D", "AbC==", "AbC%3d%3d", "AbC%3D="):
+                backend_proc.clear()
+                # encoded=True: sent exactly as written (yarl would turn %3D into = itself)
+                url = URL(f"{strict.url}/whatsapp/uploadmedia/{stream_id}", encoded=True)
+                headers = {**auth, "Content-Type": ctype}
+                async with s.post(url, data=body, headers=headers) as r:
+                    status, doc, got = r.status, await r.json(content_type=None), r.headers
+                assert_refused(strict, backend_proc, status, doc, got, 403, "uploads_disabled")
+                assert doc["channel"] == "AbC%3D%3D", stream_id
+                url = URL(f"{strict.url}/_gateway/policy/{stream_id}", encoded=True)
+                async with s.get(url, headers=auth) as r:
+                    policy = await r.json()
+                assert policy["channel"] == "AbC%3D%3D", stream_id
+                assert policy["enabled"]["value"] is False, stream_id
+    finally:
+        strict.stop()
 
 
 # -- report mode -------------------------------------------------------------------------------

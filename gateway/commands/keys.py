@@ -223,11 +223,16 @@ def _iso(epoch: float) -> str | None:
 
 
 def _expiry(args: argparse.Namespace) -> float:
+    """When the new key ends; never already over (a mistyped year would print a dead key and,
+    with ``rotate``, still put an end date on the client's working keys)."""
     if args.expires is not None:
         expires: float = args.expires
-        return expires
-    ttl: float = args.ttl if args.ttl is not None else parse_duration(DEFAULT_TTL)
-    return time.time() + ttl
+    else:
+        ttl: float = args.ttl if args.ttl is not None else parse_duration(DEFAULT_TTL)
+        expires = time.time() + ttl
+    if expires <= time.time():
+        raise ValueError(f"the new key would be expired already ({_iso(expires)}): nothing changed")
+    return expires
 
 
 def _date(text: str) -> float:

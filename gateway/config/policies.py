@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import cast
+from urllib.parse import unquote
 
 from yaml.nodes import Node, ScalarNode
 
@@ -62,12 +63,21 @@ def _sniff_bytes(reader: Reader, node: Node, key: str) -> int | None:
 def _routes(reader: Reader, node: Node, key: str) -> tuple[RouteConfig, ...] | None:
     items = reader.sequence(node, key) or []
     routes = [_route(reader, item, f"{key}[{i}]") for i, item in enumerate(items)]
-    seen: set[str] = set()
+    seen: dict[tuple[str | None, ...], tuple[int, RouteConfig]] = {}
     for i, (route, item) in enumerate(zip(routes, items, strict=True)):
-        if route is not None and route.path in seen:
-            reader.error(item, f"{key}[{i}].path", f"route {route.path} is listed twice")
-        elif route is not None:
-            seen.add(route.path)
+        if route is None:
+            continue
+        shape = _route_shape(route)
+        if shape in seen and set(seen[shape][1].methods) & set(route.methods):
+            first, earlier = seen[shape]
+            what = (
+                "is listed twice"
+                if earlier.path == route.path
+                else f"matches the same requests as {key}[{first}] ({earlier.path})"
+            )
+            reader.error(item, f"{key}[{i}].path", f"route {route.path} {what}")
+        else:
+            seen.setdefault(shape, (i, route))
     return tuple(route for route in routes if route is not None)
 
 
@@ -91,11 +101,43 @@ def _route(reader: Reader, node: Node, key: str) -> RouteConfig | None:
             f"must start with / and contain {{channel}} exactly once, got {path!r}",
         )
         return None
+    problem = _segment_problem(path)
+    if problem is not None:
+        # The request path is matched segment by segment (gateway/policy/routes.py): a template
+        # such as /media/x{channel} or /media/{channel}?v=2 would never match, and every upload
+        # to it would be forwarded uninspected.
+        reader.error(path_node, path_key, f"{problem}, got {path!r}")
+        return None
     route = RouteConfig(path=path)
     if "methods" in found:
         methods = _methods(reader, found["methods"], join(key, "methods"))
         route = replace(route, methods=methods or route.methods)
     return route
+
+
+def _segment_problem(path: str) -> str | None:
+    """Why a template cannot be matched the way request paths are, or None."""
+    names: set[str] = set()
+    for segment in path.split("/"):
+        if any(c in segment for c in "?#%"):
+            return "write the path without a query, fragment or %-escapes"
+        if _PLACEHOLDER.fullmatch(segment):
+            if segment in names:
+                return f"placeholder {segment} is used twice"
+            names.add(segment)
+        elif "{" in segment or "}" in segment:
+            return "a {placeholder} must be a whole path segment"
+        elif segment in (".", ".."):
+            return "'.' and '..' segments never match (request paths are resolved first)"
+    return None
+
+
+def _route_shape(route: RouteConfig) -> tuple[str | None, ...]:
+    """The requests a template matches: literal segments compare case-insensitively, a
+    trailing or doubled slash is ignored, any placeholder matches any segment."""
+    return tuple(
+        None if _PLACEHOLDER.fullmatch(s) else s.casefold() for s in route.path.split("/") if s
+    )
 
 
 def _methods(reader: Reader, node: Node, key: str) -> tuple[str, ...] | None:
@@ -157,6 +199,16 @@ def read_channels(
     if "default" in found:
         default = _channel_policy(reader, found["default"], join(key, "default"), cap, None)
     channels = {"default": default} if default is not None else {}
+    decoded: dict[str, str] = {}
+    for name in found:
+        # ``a%2Fb`` and ``a/b`` are the same stream id to the backend: which rules would apply?
+        same = decoded.setdefault(unquote(name), name)
+        if same != name:
+            reader.error(
+                reader.owner(found[name]),
+                join(key, name),
+                f"names the same stream id as channels.{same} once URL-decoded",
+            )
     for name, cnode in found.items():
         if name != "default":
             policy = _channel_policy(reader, cnode, join(key, name), cap, default)

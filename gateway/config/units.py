@@ -6,7 +6,9 @@ their limits have always been binary), so both spellings map to the same power o
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 _SIZE_UNITS = {
     "": 1,
@@ -39,7 +41,8 @@ def parse_size(value: object) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size such as 20MB, 512KiB or 1048576, got {value!r}")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    # Exact arithmetic: ``float()`` of a long digit string is ``inf`` and int() of that raises.
+    return int(Fraction(number) * _SIZE_UNITS[unit.lower()])
 
 
 def parse_duration(value: object) -> float:
@@ -47,16 +50,25 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as 30s, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int with hundreds of digits
+            seconds = math.inf
+        if not math.isfinite(seconds):  # ``.nan``/``.inf``: a NaN leeway lets exp never expire
+            raise ValueError(f"expected a finite duration such as 30s, got {value!r}")
+        if seconds < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        return seconds
     if not isinstance(value, str):
         raise ValueError(f"expected a duration such as 30s, got {value!r}")
     match = _NUMBER_UNIT.match(value)
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ValueError(f"expected a duration such as 250ms, 30s, 5m, 24h or 7d, got {value!r}")
     number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[unit.lower()]
+    seconds = float(number) * _DURATION_UNITS[unit.lower()]
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration such as 30s, got {value!r}")
+    return seconds
 
 
 def format_size(num_bytes: int) -> str:

@@ -11,6 +11,7 @@ with ``%2F`` in it stays one segment.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -60,11 +61,28 @@ def _match(route: RouteConfig, segments: list[str]) -> dict[str, str] | None:
 
 
 def channel_key(config: Config, raw_id: str) -> str:
-    """The configured key for a stream id given raw or decoded (SPEC §4: either matches)."""
+    """The configured key for a stream id given raw or decoded (SPEC §4: either matches).
+
+    A key and an id match when they name the same stream id once percent-decoded, however
+    either is encoded: ``abc%3D%3D`` in the config matches ``abc==``, ``abc%3d%3d`` and
+    ``abc%3D%3D`` in the URL alike, as the backend decodes them all to ``abc==``.
+    """
     for candidate in (unquote(raw_id), raw_id):
         if candidate in config.channels:
             return candidate
-    return "default"
+    return _decoded_keys(config).get(unquote(raw_id), "default")
+
+
+_DECODED: dict[int, dict[str, str]] = {}
+
+
+def _decoded_keys(config: Config) -> dict[str, str]:
+    """Decoded stream id -> channel key, per config (dropped with it, like rules._memo)."""
+    known = _DECODED.get(id(config))
+    if known is None:
+        known = _DECODED[id(config)] = {unquote(key): key for key in config.channels}
+        weakref.finalize(config, _DECODED.pop, id(config), None)
+    return known
 
 
 def match_upload(config: Config, method: str, raw_path: str) -> UploadTarget | None:
