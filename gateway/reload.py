@@ -75,6 +75,11 @@ class ConfigWatcher:
             self._metrics.config_reloads.labels(result="failure").inc()
             LOGGER.error("config reload failed, keeping the running policy:\n%s", exc)
             return False
+        except Exception as exc:  # a loader bug must not end hot reload for the process's life
+            self._holder.last_error = f"the loader failed: {type(exc).__name__}: {exc}"
+            self._metrics.config_reloads.labels(result="failure").inc()
+            LOGGER.exception("config reload failed unexpectedly, keeping the running policy")
+            return False
         fixed = fixed_at_start(self._holder.current, config)
         self._holder.swap(config)
         self._metrics.config_reloads.labels(result="success").inc()

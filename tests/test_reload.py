@@ -21,7 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from gateway import reload as module
+from gateway.config.model import Config
+from gateway.metrics import Metrics
+from gateway.state import ConfigHolder
 from tests.support import files
 from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
 from tests.support.procs import RedisServer
@@ -253,3 +258,18 @@ def test_a_file_the_loader_cannot_even_read_keeps_the_watcher_alive(reloading: R
     assert r.readyz()["config_generation"] == generation + 1
     assert r.post().json()["limit_bytes"] == 2999
     apply_by_edit(r, dump(r.base))
+
+
+def test_a_loader_bug_fails_the_reload_and_keeps_watching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the loader raises, the reload fails (counted, on /readyz) and the next one runs."""
+    path = tmp_path / "policies.yaml"
+    path.write_text("x")
+    holder, metrics = ConfigHolder(Config()), Metrics(CollectorRegistry())
+    watcher = module.ConfigWatcher(str(path), holder, metrics)
+    monkeypatch.setattr(module, "load_config", lambda _: 1 / 0)
+    assert watcher.reload_now() is False
+    assert holder.last_error is not None and "ZeroDivisionError" in holder.last_error
+    monkeypatch.setattr(module, "load_config", lambda _: Config())
+    assert watcher.reload_now() is True and holder.generation == 1
