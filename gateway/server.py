@@ -2,9 +2,12 @@
 
 The parent of ``--workers N`` only supervises: it sets up Prometheus' multiprocess directory so
 ``/metrics`` on any worker reports totals over all of them, starts the workers, passes SIGHUP
-(reload) and SIGTERM (drain) on, and restarts a worker that died. A worker drains on SIGTERM: it
-stops accepting, reports not-ready, lets in-flight requests finish within
-``server.shutdown_grace``, then exits 0.
+(reload) and SIGTERM (drain) on, and restarts a worker that died, after a delay that doubles
+(0.5 s up to 30 s) while it keeps dying within 10 s of its start. A worker that cannot start at
+all (port in use, certificate unreadable: an exception before it listened) makes the parent stop
+the others and exit 1 (at once on the first start, after 5 failed restarts later) instead of
+crash-looping. A worker drains on SIGTERM: it stops accepting, reports not-ready, lets in-flight
+requests finish within ``server.shutdown_grace``, then exits 0.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ LINGERING_SECONDS = 2.0
 DRAIN_CANCEL_TIMEOUT = 1.0  # after the grace: how long cancelled handlers get to unwind
 READ_BUFFER = 32 * 1024  # aiohttp read_bufsize: see serve_worker
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+# Supervisor: a worker that dies within BACKOFF_RESET s of its start is restarted after a delay
+# doubling from BACKOFF_FIRST up to BACKOFF_MAX; one that never came up (bind, certificate)
+# START_FAILURES times in a row makes the parent stop and exit 1 instead of crash-looping.
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.5, 30.0, 10.0
+START_FAILURES = 5
 
 
 def setup_logging(level: str) -> None:
@@ -94,8 +102,13 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     )
 
 
-async def serve_worker(config_path: str, config: Config) -> None:
-    """One worker: the proxy and admin listeners, until SIGTERM/SIGINT."""
+async def serve_worker(config_path: str, config: Config, ready: Any = None) -> None:
+    """One worker: the proxy and admin listeners, until SIGTERM/SIGINT.
+
+    ``ready`` (a multiprocessing Event) is set once both listeners are bound and the signal
+    handlers are installed, so the supervisor can tell a worker that cannot start from one
+    that crashed later.
+    """
     state = build_state(config)
     runner = proxy_runner(state, config)
     admin_runner = web.AppRunner(build_admin_app(state), handle_signals=False, access_log=None)
@@ -115,6 +128,8 @@ async def serve_worker(config_path: str, config: Config) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
     await watcher.start()
+    if ready is not None:
+        ready.set()
     try:
         await stop.wait()
     finally:
@@ -159,13 +174,14 @@ async def _drain(
     await admin_runner.cleanup()
 
 
-def run_worker(config_path: str, env: dict[str, str] | None = None) -> None:
-    """Process entry point (also the whole server when ``--workers 1``)."""
+def run_worker(config_path: str, env: dict[str, str] | None = None, ready: Any = None) -> None:
+    """Process entry point of a ``--workers N`` worker."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the event loop handles it
     if env:
         os.environ.update(env)
     config = load_config(config_path)
     setup_logging(config.log_level)
-    _run(serve_worker(config_path, config))
+    _run(serve_worker(config_path, config, ready))
 
 
 def _run(coro: Any) -> None:
@@ -180,11 +196,40 @@ def _run(coro: Any) -> None:
 
 def serve(config_path: str, workers: int) -> int:
     config = load_config(config_path)  # fail fast, in the parent, on a bad file
+    try:
+        tls_context(config)  # and on a certificate or key that cannot be loaded
+    except (OSError, ssl.SSLError) as exc:
+        setup_logging(config.log_level)
+        LOGGER.error(
+            "cannot load server.tls_cert_file %s / tls_key_file %s: %s",
+            config.server.tls_cert_file,
+            config.server.tls_key_file,
+            exc,
+        )
+        return 1
     if workers <= 1:
         setup_logging(config.log_level)
         _run(serve_worker(config_path, config))
         return 0
     return _supervise(config_path, config, workers)
+
+
+class _Slot:
+    """One worker place: its current process, whether it came up, and its restart backoff."""
+
+    def __init__(self, ctx: Any, config_path: str, env: dict[str, str]) -> None:
+        self.ctx, self.config_path, self.env = ctx, config_path, env
+        self.failures = 0  # consecutive quick deaths
+        self.start_failures = 0  # consecutive deaths before ever being ready
+        self.restart_at: float | None = None  # dead, waiting for its backoff
+        self.initial = True  # the first process of this slot: it must come up
+        self.start()
+
+    def start(self) -> None:
+        self.ready = self.ctx.Event()
+        self.proc = _start(self.ctx, self.config_path, self.env, self.ready)
+        self.started = time.monotonic()
+        self.restart_at = None
 
 
 def _supervise(config_path: str, config: Config, workers: int) -> int:
@@ -193,42 +238,89 @@ def _supervise(config_path: str, config: Config, workers: int) -> int:
     env = {"PROMETHEUS_MULTIPROC_DIR": prom_dir}
     os.environ.update(env)
     ctx = multiprocessing.get_context("spawn")
-    procs = [_start(ctx, config_path, env) for _ in range(workers)]
     stopping = False
+    slots: list[_Slot] = []
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
+        for slot in slots:
+            # A worker still starting reads the file anew anyway, and SIGHUP would kill it
+            # before its handler is installed.
+            if signum == signal.SIGHUP and not slot.ready.is_set():
+                continue
+            if slot.proc.pid is not None and slot.proc.is_alive():
+                os.kill(slot.proc.pid, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    giving_up = False
     try:
+        slots.extend(_Slot(ctx, config_path, env) for _ in range(workers))
+        if stopping:  # a SIGTERM while they were being spawned reached only the first ones
+            forward(signal.SIGTERM, None)
         while not stopping:
-            for i, proc in enumerate(procs):
-                if not proc.is_alive() and not stopping:
-                    LOGGER.error("worker %s exited with %s; restarting", proc.pid, proc.exitcode)
-                    _mark_dead(proc.pid)
-                    procs[i] = _start(ctx, config_path, env)
-            time.sleep(0.2)
+            now = time.monotonic()
+            for slot in slots:
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at:
+                        slot.initial = False
+                        slot.start()
+                    continue
+                if slot.proc.is_alive():
+                    continue
+                # Could not start (an exception before it listened: port taken, certificate
+                # gone), as opposed to crashing or being killed later.
+                cannot_start = not slot.ready.is_set() and (slot.proc.exitcode or 0) > 0
+                _mark_dead(slot.proc.pid)
+                slot.start_failures = slot.start_failures + 1 if cannot_start else 0
+                if cannot_start and (slot.initial or slot.start_failures >= START_FAILURES):
+                    giving_up = True
+                    break
+                slot.failures = slot.failures + 1 if now - slot.started < BACKOFF_RESET else 0
+                delay = (
+                    min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
+                    if slot.failures
+                    else 0.0
+                )
+                LOGGER.error(
+                    "worker %s exited with %s; restarting in %.1f s",
+                    slot.proc.pid,
+                    slot.proc.exitcode,
+                    delay,
+                )
+                slot.restart_at = now + delay
+            if giving_up:
+                break
+            time.sleep(0.05)
+        if giving_up:
+            LOGGER.error(
+                "a worker cannot start (see its error above); stopping all workers and exiting"
+            )
+            forward(signal.SIGTERM, None)
         deadline = time.monotonic() + config.server.shutdown_grace + 5
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.is_alive():  # past the grace period: nothing may outlive the parent
-                LOGGER.error("worker %s did not stop in time; killing it", proc.pid)
-                proc.kill()
-                proc.join(5)
-        failed = [p for p in procs if p.exitcode != 0]
-        return 1 if failed else 0
+        running = [s for s in slots if s.restart_at is None]
+        for slot in running:
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+        for slot in running:
+            if slot.proc.is_alive():  # past the grace period: nothing may outlive the parent
+                LOGGER.error("worker %s did not stop in time; killing it", slot.proc.pid)
+                slot.proc.kill()
+                slot.proc.join(5)
+        stopped_while_starting = (0, -signal.SIGTERM, -signal.SIGINT)
+        failed = [
+            s
+            for s in running
+            if s.proc.exitcode != 0
+            and not (not s.ready.is_set() and s.proc.exitcode in stopped_while_starting)
+        ]
+        return 1 if failed or giving_up else 0
     finally:
         shutil.rmtree(prom_dir, ignore_errors=True)
 
 
-def _start(ctx: Any, config_path: str, env: dict[str, str]) -> Any:
-    proc = ctx.Process(target=run_worker, args=(config_path, env), daemon=False)
+def _start(ctx: Any, config_path: str, env: dict[str, str], ready: Any) -> Any:
+    proc = ctx.Process(target=run_worker, args=(config_path, env, ready), daemon=False)
     proc.start()
     return proc
 

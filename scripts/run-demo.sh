@@ -28,7 +28,8 @@ fi
 
 $BIN/upload-gateway sample-backend --listen 127.0.0.1:8081 --store var/backend-files \
   >var/backend.log 2>&1 &
-pids+=($!)
+backend_pid=$!
+pids+=($backend_pid)
 
 $BIN/upload-gateway --config "$CONFIG" check-config "$CONFIG" >/dev/null
 KEY_JSON=$($BIN/upload-gateway --config "$CONFIG" keys add --client demo --label "make run" --ttl 30d --json)
@@ -36,15 +37,32 @@ API_KEY=$($BIN/python -c 'import json,sys; print(json.load(sys.stdin)["api_key"]
 SECRET=$($BIN/upload-gateway --config "$CONFIG" secret mint --api-key "$API_KEY" --ttl 24h --claim role=agent)
 printf '%%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%%%EOF\n' > var/demo.pdf
 
+ADMIN=${GATEWAY_ADMIN_LISTEN:-127.0.0.1:9102}
 $BIN/upload-gateway serve --config "$CONFIG" >var/gateway.log 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fsS http://127.0.0.1:9102/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+gateway_pid=$!
+pids+=($gateway_pid)
+up=
+for _ in $(seq 100); do
+  curl -fsS "http://$ADMIN/healthz" >/dev/null 2>&1 && { up=1; break; }
+  kill -0 "$gateway_pid" 2>/dev/null || break   # it exited: no point waiting
+  sleep 0.1
+done
+if [ -z "$up" ] || ! kill -0 "$gateway_pid" 2>/dev/null; then
+  echo "The gateway did not start (a port in use?); the end of var/gateway.log:" >&2
+  tail -n 5 var/gateway.log >&2
+  exit 1
+fi
+if ! kill -0 "$backend_pid" 2>/dev/null; then
+  echo "The sample backend did not start (port 8081 in use?); the end of var/backend.log:" >&2
+  tail -n 5 var/backend.log >&2
+  exit 1
+fi
 
 cat <<TXT
 
 Upload Gateway is running
   gateway        http://127.0.0.1:8080        (log: var/gateway.log)
-  admin          http://127.0.0.1:9102/metrics /healthz /readyz
+  admin          http://${ADMIN}/metrics /healthz /readyz
   sample backend http://127.0.0.1:8081        (files land in var/backend-files/)
   redis          ${GATEWAY_REDIS_URL}
 

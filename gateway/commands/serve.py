@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from gateway.commands import add_config_argument
 
@@ -17,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # Until a worker's event loop handles SIGHUP (reload), its default action would kill the
+    # process: ignore it from here, before the heavy imports. The configuration is read after
+    # this point, and the file watcher catches any later change.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway.server import serve
 
     return serve(args.config, args.workers)
