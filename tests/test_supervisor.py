@@ -14,17 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.support import files
 from tests.support.gateway_proc import (
-    SIGNING_KEY,
     BackendProc,
     GatewayProc,
     base_config,
+    spawn_gateway,
     start_gateway,
 )
-from tests.support.procs import REPO, RedisServer, child_env, gateway_command, wait_for_port
+from tests.support.procs import RedisServer, wait_for_port
 from tests.test_metrics import Samples, bearer, mint, new_key, observed_config, scrape, send, upload
 
 
@@ -32,20 +31,8 @@ def run_serve(
     config: dict[str, object], tmp: Path, workers: int, timeout: float
 ) -> tuple[int | None, str]:
     """Run ``serve`` for at most ``timeout`` s; (exit code or None if still running, log)."""
-    path = tmp / "policies.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = tmp / "gateway.log"
-    env = child_env(GATEWAY_SIGNING_KEY=SIGNING_KEY)
-    env.pop("GATEWAY_CONFIG", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            gateway_command("serve", "--config", str(path), "--workers", str(workers)),
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    gw = spawn_gateway(config, tmp, workers)
+    proc, log_path = gw.proc, gw.log_path
     try:
         code: int | None = proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -186,19 +173,8 @@ def test_sighup_while_starting_does_not_kill_the_gateway(
 ) -> None:
     """A reload right after a (re)start (config management: restart, then reload) is harmless."""
     config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
-    path = tmp_path / "policies.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = child_env(GATEWAY_SIGNING_KEY=SIGNING_KEY)
-    env.pop("GATEWAY_CONFIG", None)
-    with open(tmp_path / "gateway.log", "wb") as log:
-        proc = subprocess.Popen(
-            gateway_command("serve", "--config", str(path), "--workers", str(workers)),
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    gw = spawn_gateway(config, tmp_path, workers)
+    proc = gw.proc
     try:
         # As soon as the process handles SIGHUP at all (ignores or catches it), a reload
         # request is legitimate: the listeners are not up yet.
@@ -208,7 +184,7 @@ def test_sighup_while_starting_does_not_kill_the_gateway(
         wait_for_port(port, timeout=20, proc=None)
         time.sleep(1)
         assert proc.poll() is None
-        assert "restarting" not in (tmp_path / "gateway.log").read_text()
+        assert "restarting" not in gw.log()
     finally:
         proc.terminate()
         try:

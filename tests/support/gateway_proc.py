@@ -164,13 +164,14 @@ class GatewayProc:
         return self.proc.returncode
 
 
-def start_gateway(
-    config: dict[str, Any], workdir: Path | None = None, workers: int = 1, **env: str
+def spawn_gateway(
+    config: dict[str, Any], workdir: Path, workers: int = 1, **env: str
 ) -> GatewayProc:
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="ugw-gw-"))
-    config_path = workdir / f"policies-{config['listen'].rsplit(':', 1)[1]}.yaml"
+    """Write ``config`` and start ``serve`` on it, its output in a log; no waiting."""
+    port = config["listen"].rsplit(":", 1)[1]
+    config_path = workdir / f"policies-{port}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = workdir / f"gateway-{config['listen'].rsplit(':', 1)[1]}.log"
+    log_path = workdir / f"gateway-{port}.log"
     full_env = child_env(GATEWAY_SIGNING_KEY=SIGNING_KEY, **env)
     full_env.pop("GATEWAY_CONFIG", None)
     with open(log_path, "wb") as log:
@@ -182,7 +183,14 @@ def start_gateway(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    gw = GatewayProc(config, config_path, proc, log_path, full_env)
+    return GatewayProc(config, config_path, proc, log_path, full_env)
+
+
+def start_gateway(
+    config: dict[str, Any], workdir: Path | None = None, workers: int = 1, **env: str
+) -> GatewayProc:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="ugw-gw-"))
+    gw = spawn_gateway(config, workdir, workers, **env)
     try:
         wait_for_port(gw.port, timeout=20, proc=None)
         wait_for_port(gw.admin_port, timeout=20, proc=None)
