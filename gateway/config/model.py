@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Literal
+from urllib.parse import unquote
 
 Mode = Literal["enforce", "report"]
 Role = Literal["agent", "customer"]
@@ -188,6 +190,13 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     log_level: str = "INFO"
     source: str | None = None  # the file it was loaded from, for reloads
+
+    @cached_property
+    def decoded_channels(self) -> Mapping[str, str]:
+        """Channel keys by the stream id they name once percent-decoded (``AbC%3D%3D`` ->
+        ``AbC==``); the loader refuses two keys naming the same id. Built on first use, and
+        gone with the config (a reload makes a new one)."""
+        return MappingProxyType({unquote(key): key for key in self.channels})
 
     def channel(self, name: str) -> tuple[str, ChannelPolicy]:
         """The policy for a channel id, falling back to ``default`` (SPEC §4)."""

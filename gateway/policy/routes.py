@@ -11,7 +11,6 @@ with ``%2F`` in it stays one segment.
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -70,19 +69,7 @@ def channel_key(config: Config, raw_id: str) -> str:
     for candidate in (unquote(raw_id), raw_id):
         if candidate in config.channels:
             return candidate
-    return _decoded_keys(config).get(unquote(raw_id), "default")
-
-
-_DECODED: dict[int, dict[str, str]] = {}
-
-
-def _decoded_keys(config: Config) -> dict[str, str]:
-    """Decoded stream id -> channel key, per config (dropped with it, like rules._memo)."""
-    known = _DECODED.get(id(config))
-    if known is None:
-        known = _DECODED[id(config)] = {unquote(key): key for key in config.channels}
-        weakref.finalize(config, _DECODED.pop, id(config), None)
-    return known
+    return config.decoded_channels.get(unquote(raw_id), "default")
 
 
 def match_upload(config: Config, method: str, raw_path: str) -> UploadTarget | None:
