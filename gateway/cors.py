@@ -35,25 +35,26 @@ def allowed_origin(request: web.Request, cors: CorsConfig) -> str | None:
     return "*" if "*" in cors.allowed_origins else None
 
 
-def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: CorsConfig) -> None:
-    """Allow the browser to read a response the gateway made itself, for allowed origins only."""
+def add_cors_headers(response: web.StreamResponse, request: web.Request, cors: CorsConfig) -> bool:
+    """Allow the browser to read a response the gateway made itself, for allowed origins only;
+    whether the origin was allowed."""
     allowed = allowed_origin(request, cors)
     if allowed is None:
-        return
+        return False
     response.headers["Access-Control-Allow-Origin"] = allowed
     if allowed != "*":
         response.headers["Access-Control-Allow-Credentials"] = "true"
     response.headers["Access-Control-Expose-Headers"] = EXPOSED
     response.headers.add("Vary", "Origin")
+    return True
 
 
 def preflight_response(request: web.Request, cors: CorsConfig, auth_header: str) -> web.Response:
     """The answer to a preflight for the gateway's own endpoint: GET with the Secret's header."""
     response = web.Response(status=204)
-    if allowed_origin(request, cors) is None:
+    if not add_cors_headers(response, request, cors):
         response.headers.add("Vary", "Origin")
         return response
-    add_cors_headers(response, request, cors)
     response.headers["Access-Control-Allow-Methods"] = "GET"
     response.headers["Access-Control-Allow-Headers"] = auth_header
     response.headers["Access-Control-Max-Age"] = str(cors.max_age)

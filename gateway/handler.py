@@ -140,7 +140,7 @@ async def _forward(
     body: BodyStream | AsyncIterable[bytes] | bytes | None,
     content_length: int | None = None,
 ) -> web.StreamResponse:
-    headers = _backend_headers(request, record.request_id, identity)
+    headers = _backend_headers(request, record.request_id, identity, state.auth.config.header)
     if content_length is None and request.content_length is not None:
         content_length = request.content_length
     if content_length is not None:
@@ -191,12 +191,14 @@ def _body_stream(request: web.Request, config: Config) -> BodyStream:
     return BodyStream(request.content, config.server.body_timeout, chunked)
 
 
-def _backend_headers(request: web.Request, rid: str, identity: Identity | None) -> CIMultiDict[str]:
+def _backend_headers(
+    request: web.Request, rid: str, identity: Identity | None, auth_header: str
+) -> CIMultiDict[str]:
     """The client's end-to-end headers (the backend may check the Secret too) plus ours."""
     # "Proxy" is httpoxy: a CGI backend would take it for its HTTP_PROXY (nginx's advice too)
     drop: tuple[str, ...] = ("content-length", "expect", "host", "proxy")
     if identity is None:  # a preflight: a credential nobody verified is not passed on
-        drop += (request.app[STATE].auth.config.header.lower(),)
+        drop += (auth_header.lower(),)
     headers = end_to_end(request.headers, drop=drop)
     for name in [k for k in headers if k.lower().replace("_", "-").startswith("x-gateway-")]:
         # never let a client assert what only the gateway may say, in either spelling (CGI and

@@ -39,9 +39,8 @@ _FROM_ADDRESS = _libc_memmem(ctypes.c_void_p)
 
 def occurs(needle: bytes, data: bytes, start: int, end: int) -> bool:
     """``data.find(needle, start, end) != -1``, faster on long windows."""
-    if _FROM_START is None or _FROM_ADDRESS is None:
-        return data.find(needle, start, end) != -1
-    if end - start < LONG_WINDOW or type(data) is not bytes:
+    short = end - start < LONG_WINDOW or type(data) is not bytes
+    if short or _FROM_START is None or _FROM_ADDRESS is None:
         return data.find(needle, start, end) != -1
     if start == 0:  # the usual case: a chunk that is all file data
         return _FROM_START(data, end, needle, len(needle)) is not None
