@@ -239,6 +239,11 @@ class Forwarder:
         length = backend.headers.get("Content-Length")
         if length is not None and length.isdigit():
             response.content_length = int(length)
+        if backend.content.is_eof():
+            # The whole body came with the headers (a small answer): headers and body go out in
+            # one write, as aiohttp does for its own Responses, not two. A body still on its way
+            # keeps the headers going out at once, so a slow or streaming answer is not held up.
+            response._send_headers_immediately = False
         # Otherwise aiohttp frames the body itself: chunked for HTTP/1.1, and delimited by
         # closing the connection for HTTP/1.0 (which has no chunked coding).
         await response.prepare(request)

@@ -4,6 +4,8 @@
    claims, and verification fails only with a 401 problem — never another exception.
 2. The multipart inspection's verdict does not depend on how the bytes were split into chunks:
    the same body gives the same refusal code, or the same accepted bytes, for every chunking.
+3. A part's Content-Disposition reads the same through the quick path for browsers' shape as
+   through python-multipart's general parser, or the quick path does not answer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -24,6 +26,7 @@ from gateway.auth.secret import SecretVerifier
 from gateway.config.loader import load_config_text
 from gateway.config.model import AuthConfig, Config, SecretValue, SigningKey
 from gateway.errors import GatewayError
+from gateway.inspect.multipart import general_parameters, parameters
 from gateway.inspect.upload import inspect_upload
 from gateway.policy.routes import match_upload
 from gateway.spool import SpoolBudget
@@ -176,3 +179,36 @@ def test_the_verdict_does_not_depend_on_the_chunking(
             "type": "type_not_allowed",
         }[name]
     )
+
+
+# Pieces of Content-Disposition values, the troublesome ones among them: quotes, escapes,
+# semicolons inside values, RFC 2231 keys, spaces and tabs, case, non-ASCII and undecodable bytes.
+_DISPOSITION_PIECES = st.sampled_from(
+    ["form-data", "Form-Data", "attachment", ";", "; ", ";\t", " ", "=", '"', "\\", '\\"',
+     "name", "NAME", "filename", "filename*", "name*", "filename*0", "x-y_z", "data", "a.png",
+     "C:\\x\\y.exe", "UTF-8''%C3%A4.png", "\u00e4", "\udcff", "*", "%", "'", "\n"]
+)  # fmt: skip
+
+
+_VALUES = st.one_of(
+    st.text(), st.text(st.sampled_from(["a", "\\", '"', ";", " ", "\u00e4", "\udcff"]))
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.lists(_DISPOSITION_PIECES, max_size=14).map("".join),
+        st.lists(st.tuples(st.sampled_from(["name", "filename", "Name", "x"]), _VALUES)).map(
+            lambda ps: "form-data" + "".join(f'; {k}="{v}"' for k, v in ps)
+        ),
+    )
+)
+def test_the_quick_disposition_path_reads_as_the_general_parser(value: str) -> None:
+    def reading(read: Callable[[str], object]) -> object:
+        try:
+            return read(value)
+        except GatewayError as exc:
+            return exc.code
+
+    assert reading(parameters) == reading(general_parameters)
