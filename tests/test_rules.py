@@ -194,3 +194,30 @@ def test_policies_are_remembered_per_channel_key_and_forgotten_with_their_config
     del config, first
     gc.collect()
     assert key not in rules._MEMOS
+
+
+@pytest.mark.parametrize("name", ["run.vbs.", "run.vbs ", "run.vbs. .", "RUN.JS..", "x\\run.hta "])
+def test_trailing_dots_and_spaces_do_not_hide_a_name_that_runs(config: Config, name: str) -> None:
+    """Windows saves ``run.vbs.`` as ``run.vbs`` (and ``secure_filename`` strips the dot too):
+    libmagic calls the script text/plain, which ``documents`` admits, so only its name tells."""
+    policy = rules.effective_policy(config, "default", "agent")
+    error = rules.judge_file(policy, facts("text", name))
+    assert error is not None and error.code == "type_not_allowed", error
+    assert types.extension_of("Invoice.PDF. ") == ".pdf"
+
+
+@pytest.mark.parametrize("name", ["invoice.pdf.", "invoice.pdf  "])
+def test_trailing_dots_and_spaces_do_not_hide_a_spoofed_extension(name: str) -> None:
+    error = rules.check_spoofing(facts("pe", name))
+    assert error is not None and error.code == "type_mismatch"
+    assert error.fields["fileExtension"] == "pdf"
+
+
+def test_a_type_mismatch_carries_the_allowed_list(config: Config) -> None:
+    """SPEC §5: a 415 carries the sniffed type and the allowed list, spoofing included."""
+    policy = rules.effective_policy(config, "default", "customer")
+    error = rules.judge_file(policy, facts("pe", "invoice.pdf", "application/pdf"))
+    assert error is not None and error.code == "type_mismatch"
+    assert error.fields["sniffed_type"] == files.EXPECTED["pe"]
+    assert error.fields["allowed_types"] == ["image/png", "image/jpeg", ".pdf"]
+    assert (error.fields["channel"], error.fields["role"]) == ("default", "customer")

@@ -571,3 +571,63 @@ async def test_empty_bodies_are_answered_every_time(
             assert [rec["length"] for rec in backend.records()] == [0, 0]
             backend.clear()
     assert_no_spool_left(gateway)
+
+
+# -- policy semantics (audit) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["run.vbs.", "run.vbs "])
+async def test_a_script_named_with_a_trailing_dot_or_space_is_still_a_script(
+    gateway: GatewayProc, backend: BackendProc, agent_secret: str, name: str
+) -> None:
+    """Windows saves ``run.vbs.`` as ``run.vbs``: it is refused like ``run.vbs`` (the content
+    is text/plain to libmagic, which ``documents`` would admit)."""
+    script = b'CreateObject("WScript.Shell").Run "calc"\r\n'
+    status, doc, headers, _ = await post(gateway, agent_secret, [("file", name, None, script)])
+    assert_refused(gateway, backend, status, doc, headers, 415, "type_not_allowed")
+    assert doc["fileName"] == name and doc["fileExtension"] == "vbs"
+
+
+async def test_a_type_mismatch_names_the_allowed_types(
+    gateway: GatewayProc, backend: BackendProc, agent_secret: str
+) -> None:
+    """SPEC §5: every 415 carries the sniffed type and the allowed list."""
+    part = file_part("pe", name="invoice.pdf", ctype="application/pdf")
+    status, doc, headers, _ = await post(gateway, agent_secret, [part])
+    assert_refused(gateway, backend, status, doc, headers, 415, "type_mismatch")
+    assert doc["sniffed_type"] == EXPECTED["pe"]
+    assert doc["allowed_types"] == ["images", "documents", "application/zip"]
+    assert doc["role"] == "agent" and doc["channel"] == "default"
+
+
+@pytest.mark.parametrize("how", ["claim", "data_first", "data_last"])
+async def test_a_video_too_big_for_customers_is_refused_for_its_type_whoever_says_customer(
+    gateway: GatewayProc, backend: BackendProc, api_key: str, how: str
+) -> None:
+    """12 MB of video from a customer (10 MB, images and PDF only) breaks both rules: the
+    answer is the type, known first, however the customer role was stated."""
+    video = file_part("mp4", 12 * MiB)
+    data = ("data", None, None, json.dumps({"IsManager": False}).encode())
+    if how == "claim":
+        secret, parts = mint(gateway, api_key, "role=customer"), [video]
+    else:
+        secret = mint(gateway, api_key)
+        parts = [data, video] if how == "data_first" else [video, data]
+    status, doc, headers, _ = await post(gateway, secret, parts)
+    assert_refused(gateway, backend, status, doc, headers, 415, "type_not_allowed")
+    assert doc["role"] == "customer" and doc["sniffed_type"] == "video/mp4"
+
+
+async def test_a_data_field_sent_first_decides_the_role_of_the_files_in_the_same_chunk(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    """WhatsApp customers may not upload: a customer's body whose data field comes first and
+    fits in one read with its file gets 403 uploads_disabled, not the verdict of a file whose
+    role was still unknown."""
+    data = ("data", None, None, json.dumps({"IsManager": False}).encode())
+    pic = file_part("pe", name="invoice.pdf", field="pic")
+    status, doc, headers, _ = await post(
+        gateway, secret, [data, pic], "/whatsapp/uploadmedia/whatsapp"
+    )
+    assert_refused(gateway, backend, status, doc, headers, 403, "uploads_disabled")
+    assert doc["role"] == "customer" and doc["unValidActivity"] == 17

@@ -77,17 +77,27 @@ def explain(
 def _judge(
     config: Config, policy: rules.EffectivePolicy, facts: rules.FileFacts
 ) -> GatewayError | None:
+    """What the proxy answers for FILE sent with its Content-Length: the request limit before
+    the body, then the file's rules in the order the proxy meets them, and the system cap
+    last (a role limit below it is crossed first). In ``mode: report`` the answer is the first
+    refusal the mode does not waive, else the first it only counts."""
+    found: list[GatewayError | None] = []
     if facts.size > config.limits.max_request_size:
         limit = config.limits.max_request_size
-        return GatewayError(
-            "request_too_large",
-            f"the file alone is over {format_size(limit)}",
-            limit_bytes=limit,
-            limit_source="limits.max_request_size",
+        found.append(
+            GatewayError(
+                "request_too_large",
+                f"the file alone is over {format_size(limit)}",
+                limit_bytes=limit,
+                limit_source="limits.max_request_size",
+            )
         )
+    found.append(rules.judge_file(policy, facts))
     if facts.size > policy.system_cap:
-        return rules.file_too_large(rules.capped(policy), facts.filename)
-    return rules.judge_file(policy, facts)
+        found.append(rules.file_too_large(rules.capped(policy), facts.filename))
+    errors = [error for error in found if error is not None]
+    enforced = [error for error in errors if rules.enforced(error, policy.mode)]
+    return next(iter(enforced or errors), None)
 
 
 def _reason(error: GatewayError) -> dict[str, Any]:

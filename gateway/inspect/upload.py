@@ -192,10 +192,12 @@ class _Inspection:
             touched = self.inspector.feed(chunk)
             if self.inspector.file_count > self.config.limits.max_files:
                 self.handle(self._too_many_files())
+            if self.role is None and self.inspector.role_value is not None:
+                # before the files this chunk touched: those after the data field are its role's
+                # (judging them as of an unknown role would make the answer depend on the chunking)
+                await self._role_known(self._form_role())
         for part in touched:
             await self._check_part(part)
-        if self.role is None and self.inspector and self.inspector.role_value is not None:
-            await self._role_known(self._form_role())
 
     def _grow_raw(self, chunk: bytes) -> None:
         assert self.raw is not None
@@ -228,14 +230,32 @@ class _Inspection:
             await self._check_part(part)
 
     async def _check_part(self, part: Part) -> None:
+        """Size and type, in the order a file breaks them as it arrives (``size_first``)."""
         if part.ignored:
             return
-        self._check_size(part)
+        size_first = self._size_first()
+        if size_first:
+            self._check_size(part)
+        await self._check_type(part)
+        if not size_first:
+            self._check_size(part)
+
+    def _size_first(self) -> bool:
+        """:attr:`~rules.EffectivePolicy.size_first` of the role; while the role is unknown,
+        of the loosest one (a file is refused for its size only once it is over every role's
+        limit)."""
+        if self.role is not None:
+            return self.policy(self.role).size_first
+        return all(self.policy(role).size_first for role in ROLES)
+
+    async def _check_type(self, part: Part) -> None:
         if part.sniffed is None and (len(part.head) >= self.sniff_bytes or part.ended):
             part.sniffed = await self.sniffer.sniff_async(bytes(part.head), part.filename)
             mismatch = rules.check_spoofing(self._facts(part))
             if mismatch is not None:
-                mismatch.fields.update(channel=self.target.channel, role=self.role)
+                # the role may still be unknown: the allowed list is then the default role's
+                policy = self.policy(self.role or self.config.uploads.role.default)
+                rules.mismatch_fields(mismatch, policy, self.role)
             self.handle(mismatch, part.index)
         if part.sniffed is not None and self.role is not None and not part.judged:
             part.judged = True

@@ -41,10 +41,23 @@ class EffectivePolicy:
     mode: Mode
     mode_source: str
     system_cap: int
+    sniff_bytes: int
 
     @property
     def role_key(self) -> str:
         return ROLE_KEYS[self.role]
+
+    @property
+    def size_first(self) -> bool:
+        """Whether a file over ``max_file_size`` is refused for its size rather than its type.
+
+        The proxy refuses a file for the first rule it breaks as its bytes arrive: the type
+        rules are known once the first ``sniff_bytes`` are in, the size rule at
+        ``max_file_size + 1`` bytes. Deciding by the limits (not by where a chunk happens to
+        end) gives one answer for every chunking, wherever the role came from, and in
+        ``explain``.
+        """
+        return self.max_file_size < self.sniff_bytes
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``GET /_gateway/policy/{channel}`` and ``explain --json``."""
@@ -130,6 +143,7 @@ def _effective_policy(
         mode=mode,
         mode_source=mode_source,
         system_cap=cap,
+        sniff_bytes=config.uploads.sniff_bytes,
     )
 
 
@@ -289,17 +303,27 @@ def check_allowed(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | N
     )
 
 
+def mismatch_fields(mismatch: GatewayError, policy: EffectivePolicy, role: Role | None) -> None:
+    """What a 415 carries besides the sniffed type (SPEC §5): the allowed list, and for whom."""
+    mismatch.fields.update(
+        channel=policy.channel, role=role, allowed_types=list(policy.allowed_types)
+    )
+
+
 def check_type(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | None:
     """Spoofing first (a renamed executable is a mismatch), then the allowed types."""
     mismatch = check_spoofing(facts)
     if mismatch is not None:
-        mismatch.fields.update(channel=policy.channel, role=policy.role)
+        mismatch_fields(mismatch, policy, policy.role)
         return mismatch
     return check_allowed(policy, facts)
 
 
 def judge_file(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | None:
-    """The complete verdict for one whole file: enabled, size, then type."""
+    """The complete verdict for one whole file: enabled, then size and type in the order the
+    proxy meets them (:attr:`EffectivePolicy.size_first`)."""
     if not policy.enabled:
         return disabled_error(policy)
-    return check_size(policy, facts.size, facts.filename) or check_type(policy, facts)
+    if policy.size_first:
+        return check_size(policy, facts.size, facts.filename) or check_type(policy, facts)
+    return check_type(policy, facts) or check_size(policy, facts.size, facts.filename)

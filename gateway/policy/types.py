@@ -220,10 +220,16 @@ def normalise(mime: str | None) -> str:
 
 
 def extension_of(filename: str | None) -> str:
-    """``.pdf`` for ``Invoice.PDF``; ``""`` when there is none (dot-files have none either)."""
+    """``.pdf`` for ``Invoice.PDF``; ``""`` when there is none (dot-files have none either).
+
+    Trailing dots and spaces do not hide an extension: Windows drops them when it saves a file
+    (``run.vbs.`` is saved as ``run.vbs``), and so do filename sanitisers such as Werkzeug's
+    ``secure_filename``. Read literally, such a name claims nothing and its content alone is
+    judged: a ``.vbs`` that libmagic calls text/plain would pass as a document.
+    """
     if not filename:
         return ""
-    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1].rstrip(". ")
     stem, dot, ext = base.rpartition(".")
     return f".{ext.lower()}" if dot and stem and ext else ""
 
