@@ -66,6 +66,13 @@ def _timestamp() -> str:
     return _last_stamp
 
 
+def set_log_level(level: str) -> None:
+    """``log_level`` for every record and the access lines (WARNING turns those off); at start
+    and on a reload, like nginx's ``error_log`` level."""
+    logging.getLogger().setLevel(level.upper())
+    LOGGER.setLevel(level.upper())
+
+
 def log_request(record: RequestRecord) -> None:
     if LOGGER.isEnabledFor(logging.INFO):
         LOGGER.info(record.as_json())

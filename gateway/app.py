@@ -44,10 +44,24 @@ def build_app(state: GatewayState) -> web.Application:
     """The proxy: one catch-all route, since every path is either proxied or inspected."""
     app = web.Application(client_max_size=0)  # the handler counts bytes itself (SPEC §4)
     app[STATE] = state
-    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_no_automatic_continue)
+    # ``(?s:.*)``, not ``.*``: a path with an encoded line feed (``/a%0Ab``) decodes to one that
+    # ``.`` does not match, and aiohttp would answer its own text/plain 404, unlogged, uncounted
+    # and never proxied.
+    app.router.add_route("*", "/{tail:(?s:.*)}", handle, expect_handler=_no_automatic_continue)
     app.on_response_prepare.append(keep_backend_content_type)
+    app.on_response_prepare.append(_close_while_draining)
     app.cleanup_ctx.append(_lifetimes)
     return app
+
+
+async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """During a drain, an answer says ``Connection: close`` (Envoy's and Go's drain do too):
+    the connection is closed once it is idle, and a keep-alive client that sent its next
+    request on it meanwhile would get no answer, not knowing whether an upload was taken.
+    aiohttp runs this hook after it chose the ``Connection`` header: both are set here."""
+    if request.app[STATE].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 async def _lifetimes(app: web.Application) -> AsyncIterator[None]:

@@ -50,8 +50,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except GatewayError as error:
         response = _refuse(request, state, config, record, error)
     except asyncio.CancelledError:
-        record.reason = "client_closed"
-        record.finish(499)  # nginx's "client closed request"
+        # aiohttp cancels a handler only when the server stops (handler_cancellation is off: a
+        # client going away surfaces as a ConnectionError below), that is when the drain's
+        # grace ran out: the gateway cut the request, so it must not pass for the client's doing.
+        shutdown = state.draining
+        record.reason = "shutdown" if shutdown else "client_closed"
+        record.finish(503 if shutdown else 499)  # 499: nginx's "client closed request"
         raise
     except ConnectionError as gone:
         # The client went away mid-request (ordinary on mobile networks), or the backend failed
@@ -231,6 +235,10 @@ def _refuse(
     if record.channel is not None and record.role is None:
         role = error.fields.get("role")
         record.role = role if role in ("agent", "customer") else None
+    sniffed = error.fields.get("sniffed_type")
+    if isinstance(sniffed, str) and not record.sniffed_types:
+        # SPEC §6: the access line names the sniffed type, above all when it was refused for it
+        record.sniffed_types = [sniffed]
     response = problem_response(error, record.request_id)
     if request.body_exists and not request.content.at_eof():
         # Unread body: draining up to 50 MB only to keep the connection is not worth it.
@@ -261,9 +269,12 @@ def _account(
 
 
 def _outcome(record: RequestRecord) -> str:
-    """accepted | reported (report mode let it pass) | rejected | failed | backend_refused."""
+    """accepted | reported (report mode let it pass) | rejected | failed | backend_refused |
+    aborted (the client went away: neither the policy's refusal nor the gateway's failure)."""
     if record.reason is None:
         if record.status >= 400:
             return "backend_refused"
         return "reported" if record.would_reject else "accepted"
+    if record.reason == "client_closed":
+        return "aborted"
     return "rejected" if record.status < 500 else "failed"

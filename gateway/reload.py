@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import replace
 
+from gateway.accesslog import set_log_level
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.metrics import Metrics
@@ -81,6 +82,8 @@ class ConfigWatcher:
             LOGGER.exception("config reload failed unexpectedly, keeping the running policy")
             return False
         fixed = fixed_at_start(self._holder.current, config)
+        if config.log_level != self._holder.current.log_level:
+            set_log_level(config.log_level)  # neither a request's setting nor fixed at start
         self._holder.swap(config)
         self._metrics.config_reloads.labels(result="success").inc()
         LOGGER.info("config reloaded from %s (generation %d)", self._path, self._holder.generation)

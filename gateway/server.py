@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.accesslog import JsonFormatter
+from gateway.accesslog import JsonFormatter, set_log_level
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.config import load_config
 from gateway.config.model import Config
@@ -54,14 +54,13 @@ def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    root.setLevel(level.upper())
     access = logging.getLogger("upload_gateway.access")
     access.propagate = False
     access.handlers.clear()
     access_handler = logging.StreamHandler(sys.stdout)
     access_handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(access_handler)
-    access.setLevel(level.upper())
+    set_log_level(level)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.accesslog import JsonFormatter
+from gateway.inspect.sniffer import default_sniffer
 from tests.support import files
 from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
 from tests.support.procs import RedisServer
@@ -114,6 +115,33 @@ def test_a_refusal_gives_its_reason_and_sends_nothing_on(logged: Logged) -> None
     assert entry["role"] == "agent"
     assert entry["bytes_in"] > 0 and entry["bytes_out"] == 0
     assert "backend_ms" not in entry
+
+
+def test_a_refused_file_names_the_type_it_was_sniffed_as(logged: Logged) -> None:
+    """SPEC §6 lists the sniffed types on the line; on a 415 they are the reason itself."""
+    elf = default_sniffer().sniff(files.elf(), "invoice.pdf")
+    assert logged.line("spoofed")["sniffed_types"] == [elf]
+
+
+def test_a_path_with_an_encoded_line_feed_is_proxied_and_logged_on_one_line(
+    logged: Logged,
+) -> None:
+    """``/…%0A`` decodes to a path with a line feed: it must still reach the handler (auth,
+    the backend, its access line and the metrics), not get aiohttp's own unlogged 404."""
+    rid = logged.ids["line_feed"] = uuid.uuid4().hex  # one line per request, this one's too
+    reply = send(logged.gw.port, "GET", "/t/status/200%0A", headers={"X-Request-Id": rid})
+    assert reply.status == 401 and reply.json()["code"] == "missing_secret"
+    deadline = time.monotonic() + 5
+    while not (mine := [line for line in logged.gw.log().splitlines() if rid in line]):
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.05)
+    [line] = mine
+    entry = json.loads(line)
+    assert (entry["path"], entry["status"], entry["reason"]) == (
+        "/t/status/200\n",
+        401,
+        "missing_secret",
+    )
 
 
 def test_auth_failures_are_logged_without_a_client(logged: Logged) -> None:

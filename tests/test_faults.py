@@ -46,6 +46,7 @@ from tests.support.files import make, multipart
 from tests.support.gateway_proc import GatewayProc, base_config, cli, start_gateway
 from tests.support.procs import RedisServer, free_port
 from tests.support.rawhttp import parse_response
+from tests.test_metrics import Samples, scrape
 
 MiB = 1024 * 1024
 CACHE_TTL = 1.0
@@ -338,6 +339,25 @@ async def test_a_client_vanishing_mid_pass_through_body_is_a_499_not_an_error(
     await assert_still_serving(fault_gw, agent, backend)
 
 
+async def test_an_upload_whose_client_vanished_counts_as_aborted_not_as_rejected(
+    fault_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    """``uploads_total{outcome="rejected"}`` is what a policy refused: a mobile client dropping
+    mid-upload is not, and counting it there makes every network blip look like the policy."""
+    before = Samples(scrape(fault_gw)).by("uploads_total", "outcome")
+    body, ctype = pdf_upload(3 * MiB)
+    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
+        sock.sendall(raw_head("POST", "/streams/vanish-counted/objects", agent, ctype, len(body)))
+        sock.sendall(body[: 2 * MiB])
+        time.sleep(0.3)
+        vanish(sock)
+    assert wait_until(lambda: "/streams/vanish-counted/objects" in fault_gw.log())
+    after = Samples(scrape(fault_gw)).by("uploads_total", "outcome")
+    changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert changed == {"aborted": 1.0}, changed
+    assert backend.records("/streams/vanish-counted/") == []
+
+
 def assert_closed_quietly(
     log: str, path: str, status: int = 499, reason: str = "client_closed"
 ) -> None:
@@ -534,3 +554,53 @@ async def test_sigterm_stops_accepting_finishes_in_flight_uploads_and_exits_0(
         assert rec.complete and rec.sha256 == hashlib.sha256(bodies[name][0]).hexdigest()
     assert not answers["c"].startswith(b"HTTP/1.1 200"), answers["c"][:300]
     assert backend.records("/streams/drain-c/") == [], "an unfinished upload was forwarded"
+
+
+def test_an_answer_given_while_draining_closes_its_keep_alive_connection(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path
+) -> None:
+    """The drain closes a connection once it is idle; a keep-alive client must be told so in
+    the answer (``Connection: close``, as Envoy and Go do), or it sends its next request on a
+    connection about to close and gets no answer at all, not knowing whether it was taken."""
+    gw = start_gateway(fault_config(fault_redis.url, backend.url, tmp_path / "spool"), tmp_path)
+    body = b"x" * 10_000
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+            sock.sendall(raw_head("POST", "/api/drain-keepalive", agent, "text/plain", len(body)))
+            sock.sendall(body[:5000])
+            time.sleep(0.5)
+            gw.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            sock.sendall(body[5000:])
+            response = parse_response(read_response(sock))
+            assert response.status == 200
+            assert (response.header("Connection") or "").lower() == "close", response.headers
+        assert gw.proc.wait(15) == 0
+    finally:
+        gw.stop()
+
+
+def test_a_request_cut_off_when_the_grace_ends_is_logged_as_the_shutdown_not_the_client(
+    fault_redis: RedisServer, backend: FaultBackend, agent: str, tmp_path: Path
+) -> None:
+    """An upload still arriving when ``shutdown_grace`` ends is cancelled by the gateway: its
+    access line says so (503, reason ``shutdown``), not 499 ``client_closed``, so an operator
+    counting what a deploy cut off does not go looking at the clients' networks."""
+    config = fault_config(fault_redis.url, backend.url, tmp_path / "spool")
+    config["server"].update(shutdown_grace="1s", body_timeout="30s")
+    gw = start_gateway(config, tmp_path)
+    body, ctype = pdf_upload(2 * MiB)
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+            sock.sendall(raw_head("POST", "/streams/cut-off/objects", agent, ctype, len(body)))
+            sock.sendall(body[:MiB])
+            time.sleep(0.5)
+            gw.signal(signal.SIGTERM)
+            assert gw.proc.wait(15) == 0
+    finally:
+        gw.stop()
+    lines = [json.loads(x) for x in gw.log().splitlines() if x.startswith("{")]
+    mine = [x for x in lines if x.get("path") == "/streams/cut-off/objects"]
+    assert [(x["status"], x["reason"]) for x in mine] == [(503, "shutdown")], mine
+    assert [x for x in lines if x.get("level") == "ERROR"] == []
+    assert backend.records("/streams/cut-off/") == []

@@ -273,3 +273,28 @@ def test_a_loader_bug_fails_the_reload_and_keeps_watching(
     assert holder.last_error is not None and "ZeroDivisionError" in holder.last_error
     monkeypatch.setattr(module, "load_config", lambda _: Config())
     assert watcher.reload_now() is True and holder.generation == 1
+
+
+def test_a_reload_applies_a_new_log_level(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """``log_level`` is neither fixed at start (no warning names it) nor read per request: a
+    reload that turns the access lines on (or DEBUG for an incident) must do so, as nginx's
+    ``error_log`` level does on reload."""
+    base = observed_config(redis_server, backend_proc, tmp_path, "ugw-reload-level")
+    quiet = {**copy.deepcopy(base), "log_level": "WARNING"}
+    gw = start_gateway(copy.deepcopy(quiet), tmp_path)
+    try:
+        assert (
+            send(gw.port, "GET", "/inbox", headers={"X-Request-Id": "level-before"}).status == 401
+        )
+        write_atomically(gw.config_path, dump({**quiet, "log_level": "INFO"}))
+        gw.signal(signal.SIGHUP)
+        wait_for(
+            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
+        )
+        assert send(gw.port, "GET", "/inbox", headers={"X-Request-Id": "level-after"}).status == 401
+        wait_for(lambda: "level-after" in gw.log())
+    finally:
+        gw.stop()
+    assert "level-before" not in gw.log()
