@@ -57,7 +57,7 @@ def build_app(redis_url: str, key_prefix: str) -> web.Application:
     app = web.Application()
     app[SIGNING_KEY] = os.environ["GATEWAY_SIGNING_KEY"].encode()
     app[KEYS_ZSET] = "{" + key_prefix + "}:keys"
-    app.router.add_route("*", "/{tail:.*}", check)
+    app.router.add_route("*", "/{tail:(?s:.*)}", check)
 
     async def redis_lifetime(app: web.Application):  # type: ignore[no-untyped-def]
         app[REDIS] = Redis.from_url(redis_url, max_connections=64)

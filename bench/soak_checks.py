@@ -43,7 +43,7 @@ def run_sink(port: int) -> None:
 
     app = web.Application(client_max_size=1024**3)
     app.router.add_get("/_soak/records", listing)
-    app.router.add_route("*", "/{tail:.*}", receive)
+    app.router.add_route("*", "/{tail:(?s:.*)}", receive)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 

@@ -39,7 +39,7 @@ def build_sample_backend(store: Path, extra: web.RouteTableDef | None = None) ->
     app.router.add_delete("/_sample/requests", _clear_records)
     if extra is not None:
         app.router.add_routes(extra)
-    app.router.add_route("*", "/{tail:.*}", _any)
+    app.router.add_route("*", "/{tail:(?s:.*)}", _any)
     return app
 
 
