@@ -36,6 +36,7 @@ from bench import payloads
 from bench.peers import SIGNING_KEY, GatewayVariant, gateway_config, issue_secret
 from bench.stack import BENCH, Stack
 from gateway.app import build_state
+from gateway.collector import tune_collector
 from gateway.config import load_config
 from gateway.config.model import Config
 from gateway.server import proxy_runner
@@ -63,6 +64,7 @@ async def _listening(config: Config) -> AsyncIterator[str]:
     runner = proxy_runner(build_state(config), config)
     await runner.setup()
     await web.TCPSite(runner, config.listen.host, config.listen.port).start()
+    tune_collector()
     try:
         yield f"http://{config.listen.host}:{config.listen.port}"
     finally:

@@ -49,6 +49,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = await _serve(request, state, config, record)
     except GatewayError as error:
         response = _refuse(request, state, config, record, error)
+        # Its traceback holds every frame between here and where it was raised, and those
+        # frames hold it: a cycle that would keep the chunk being inspected (up to 256 KiB) for
+        # the garbage collector, under a flood of refusals a lot of it. It is rendered already.
+        error.__traceback__ = None
     except asyncio.CancelledError:
         # aiohttp cancels a handler only when the server stops (handler_cancellation is off: a
         # client going away surfaces as a ConnectionError below), that is when the drain's
@@ -66,6 +70,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         record.reason = "backend_aborted" if aborted else "client_closed"
         response = web.Response(status=502 if aborted else 499)
         response.force_close()
+        gone.__traceback__ = None  # the same cycle as a refusal's, as common on mobile networks
     except Exception:
         LOGGER.exception("unexpected error, request %s refused", record.request_id)
         internal = GatewayError("internal_error", "an unexpected error occurred; it was logged")

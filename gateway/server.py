@@ -28,6 +28,7 @@ from aiohttp import web
 
 from gateway.accesslog import JsonFormatter, set_log_level
 from gateway.app import build_admin_app, build_app, build_state
+from gateway.collector import tune_collector
 from gateway.config import load_config
 from gateway.config.model import Config
 from gateway.malloc import limit_arenas
@@ -127,6 +128,7 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
     await watcher.start()
+    tune_collector()  # what exists now lives as long as the worker
     if ready is not None:
         ready.set()
     try:

@@ -171,7 +171,8 @@ class MultipartInspector:
     def __init__(self, boundary: bytes, sniff_bytes: int, role_field: str | None) -> None:
         self._sniff_bytes = sniff_bytes
         self._role_field = role_field
-        self._parser = MultipartParser(
+        # The parser holds bound methods of this object: a reference cycle, broken by close().
+        self._parser: MultipartParser | None = MultipartParser(
             boundary,
             {
                 "on_part_begin": self._on_part_begin,
@@ -302,6 +303,7 @@ class MultipartInspector:
     def feed(self, chunk: bytes) -> list[Part]:
         """Parse ``chunk``; the file parts that began, grew or ended in it, in order."""
         self._touched = {}
+        assert self._parser is not None, "feed() after close()"
         try:
             self._parser.write(chunk)
         except FormParserError as exc:
@@ -315,6 +317,16 @@ class MultipartInspector:
         """At the end of the body: it must have closed with the final boundary."""
         if not self.complete:
             raise malformed("the body ended before the closing multipart boundary")
+
+    def close(self) -> None:
+        """Let go of the parser, on every way out of the inspection.
+
+        Its callbacks are this object's bound methods, so the two form a reference cycle, and
+        everything they hold (the parts with their sniffed heads, up to ``sniff_bytes`` each)
+        would wait for the garbage collector instead of going when the upload's inspection
+        ends: one such cycle per upload was what set off most of a worker's collections
+        (``gateway/collector.py``)."""
+        self._parser = None
 
     @property
     def file_count(self) -> int:

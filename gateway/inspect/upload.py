@@ -280,6 +280,10 @@ class _Inspection:
             part.filename, part.content_type, part.sniffed or "", part.size, part.name
         )
 
+    def close(self) -> None:
+        if self.inspector is not None:
+            self.inspector.close()
+
     async def finish(self) -> list[rules.FileVerdict]:
         if self.inspector is not None:
             self.inspector.finish()
@@ -332,5 +336,7 @@ async def inspect_upload(
     except BaseException:
         await spool.aclose()
         raise
+    finally:
+        inspection.close()
     role = inspection.role or config.uploads.role.default
     return InspectedUpload(spool, files, role, inspection.reported)
