@@ -175,6 +175,11 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        # Exported at 0 from the start: the UploadGatewayConfigReloadFailed alert is an
+        # increase(), and Prometheus sees no increase in a series that is born at 1, so the
+        # first failed reload of a process would never alert.
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result=result)
         self.build_info = Gauge(
             p + "build_info",
             "Always 1; labels carry the version.",

@@ -9,10 +9,12 @@ no Docker engine or compose plugin here, the Dockerfile and compose file are che
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.units import parse_duration, parse_size
 from gateway.metrics import Metrics
-from tests.support.procs import REPO, child_env
+from tests.support import files
+from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
+from tests.support.procs import REPO, RedisServer, child_env
+from tests.test_metrics import bearer, mint, new_key, observed_config, scrape, send, upload
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -217,7 +223,10 @@ def test_spool_is_a_writable_volume_big_enough_for_the_configured_spool() -> Non
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     empty_dir = volumes[mounts[spool["dir"]]]["emptyDir"]
     assert "medium" not in empty_dir  # disk, not RAM: the spool holds what RAM should not
-    assert k8s_quantity(empty_dir["sizeLimit"]) >= parse_size(spool["max_bytes"])
+    # spool.max_bytes bounds the spools of one process: every worker may fill its own.
+    args = gateway_container()["args"]
+    workers = int(args[args.index("--workers") + 1])
+    assert k8s_quantity(empty_dir["sizeLimit"]) >= workers * parse_size(spool["max_bytes"])
     assert "/tmp" in mounts  # prometheus_client multiprocess files with --workers
 
 
@@ -290,7 +299,15 @@ def defined_metrics() -> dict[str, set[str]]:
 
 def dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    # A collapsed row holds its panels inside itself.
+    panels = [q for p in dashboard["panels"] for q in [p, *p.get("panels", [])]]
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def variable_queries() -> list[str]:
+    """The dashboard variables' PromQL (label_values(metric, label))."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
 
 
 def check_references(expr: str, defined: dict[str, set[str]]) -> set[str]:
@@ -388,13 +405,59 @@ def test_compose_stack_is_complete_and_wired() -> None:
     assert env["GATEWAY_BACKEND_URL"] == "http://sample-backend:8081"
     assert "--listen" in services["sample-backend"]["command"]
     assert env["GATEWAY_SIGNING_KEY"].startswith("${GATEWAY_SIGNING_KEY")  # never a literal key
-    assert any(v.endswith(":/var/tmp/upload-gateway") for v in gateway["volumes"])
     assert parse_duration(gateway["stop_grace_period"]) > 30
 
     scrape = load_yaml(PROM / "prometheus.yml")["scrape_configs"]
     targets = [t for job in scrape for c in job["static_configs"] for t in c["targets"]]
     admin_port = env["GATEWAY_ADMIN_LISTEN"].rsplit(":", 1)[1]
     assert targets == [f"gateway:{admin_port}"]
+
+
+def compose_gateway_mounts() -> dict[str, str]:
+    """The compose gateway's mounts: container path -> source (relative paths are host paths)."""
+    gateway = load_yaml(DEPLOY / "compose.yaml")["services"]["gateway"]
+    return {target: source for source, target, *_ in (v.split(":") for v in gateway["volumes"])}
+
+
+def compose_gateway_config() -> tuple[str, dict[str, Any]]:
+    """The path the compose gateway reads its policy from, and the policy found there."""
+    command = load_yaml(DEPLOY / "compose.yaml")["services"]["gateway"]["command"]
+    config_path = command[command.index("--config") + 1]
+    for target, source in compose_gateway_mounts().items():
+        if config_path == target or config_path.startswith(target + "/"):
+            host = DEPLOY / source / posixpath.relpath(config_path, target)
+            return config_path, dict(load_yaml(host.resolve()))
+    raise AssertionError(f"{config_path} is not mounted into the compose gateway")
+
+
+def test_compose_gateway_spools_on_a_volume_the_image_prepares() -> None:
+    """The root filesystem is read-only: a spool.dir off the spool volume answers 507 to every
+    upload that does not fit in memory. A relative spool.dir resolves against the working
+    directory; a named volume takes its owner from the image's directory at that path."""
+    gateway = load_yaml(DEPLOY / "compose.yaml")["services"]["gateway"]
+    assert gateway["read_only"] is True
+    runtime = dockerfile_stages()[-1]
+    workdir = gateway.get("working_dir", dict(runtime)["WORKDIR"])
+    _, policy = compose_gateway_config()
+    spool = posixpath.normpath(posixpath.join(workdir, policy["spool"]["dir"]))
+    volumes = {t for t, s in compose_gateway_mounts().items() if not s.startswith(".")}
+    (target,) = [t for t in volumes if spool == t or spool.startswith(t + "/")] or [None]
+    assert target, f"spool.dir {spool} is on the read-only root, not on one of {volumes}"
+    runs = " ".join(a for k, a in runtime if k == "RUN")
+    user = dict(runtime)["USER"].split(":")[0]
+    assert re.search(rf"mkdir -p [^&]*{re.escape(target)}(\s|$)", runs), target
+    assert re.search(rf"chown [^&]*{re.escape(target)}(\s|$)", runs), target
+    assert f"--uid {user}" in runs
+
+
+def test_compose_gateway_sees_edits_of_its_policy_file() -> None:
+    """The compose file promises a hot reload on edit. A bind-mounted *file* keeps the inode
+    it was started with, so an editor that saves by replacing the file (vim, sed -i, most
+    IDEs) is never seen: the policy's directory must be mounted instead."""
+    config_path, _ = compose_gateway_config()
+    mounts = compose_gateway_mounts()
+    assert config_path not in mounts, f"{config_path} is bind-mounted as a single file"
+    assert (DEPLOY / mounts[posixpath.dirname(config_path)]).is_dir()
 
 
 def test_grafana_provisioning_matches_the_compose_mounts() -> None:
@@ -460,3 +523,97 @@ def test_dockerfile_copies_only_existing_files_the_ignore_file_lets_through() ->
     for source in sources:
         assert (REPO / source).exists(), f"COPY source {source} missing from the repository"
         assert any(source == a or source.startswith(a + "/") for a in allowed), source
+
+
+# --- the metrics a deployed gateway really exports ----------------------------------------
+
+# Counted only on faults this module does not cause (Redis or the backend failing); their
+# names and labels are checked against gateway/metrics.py above.
+FAULT_ONLY = {"upload_gateway_backend_errors_total", "upload_gateway_redis_errors_total"}
+
+
+def exported(text: str) -> dict[str, set[str]]:
+    """Every series name of a scrape, mapped to the labels it carries."""
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProc, str]]:
+    """A gateway run as the Deployment and compose run it (--workers 2: prometheus_client's
+    multiprocess mode), and its first scrape, before any request."""
+    tmp = tmp_path_factory.mktemp("deployed")
+    config = observed_config(redis_server, backend_proc, tmp, "ugw-deployed")
+    config["channels"]["trial"] = {
+        "mode": "report",
+        "agents": {"enabled": True, "allowed_types": ["images"]},
+    }
+    gw = start_gateway(config, tmp, workers=2)
+    try:
+        yield gw, scrape(gw)
+    finally:
+        gw.stop()
+
+
+def test_a_fresh_gateway_exports_the_reload_failures_its_alert_watches(
+    deployed: tuple[GatewayProc, str],
+) -> None:
+    """UploadGatewayConfigReloadFailed is an increase() of the failure series, and Prometheus
+    sees no increase in a series born at 1: unless it is exported at 0 from the start, the
+    first failed reload of a process never alerts (alerts_test.yml starts it at 0 too)."""
+    _, fresh = deployed
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(fresh)
+        for s in family.samples
+    }
+    for result in ("success", "failure"):
+        key = ("upload_gateway_config_reloads_total", (("result", result),))
+        assert samples.get(key) == 0.0, f"{key} not exported at 0 before the first reload"
+
+
+def test_dashboard_and_alerts_query_series_as_a_running_gateway_exports_them(
+    deployed: tuple[GatewayProc, str],
+) -> None:
+    gw, _ = deployed
+    agent = bearer(mint(gw, new_key(gw, "deployed-client"), "role=agent"))
+    png, headers = upload("photo.png", "image/png", files.png())
+    big, big_headers = upload("big.png", "image/png", files.make("png", 200_000))
+    exe, exe_headers = upload("tool.exe", "application/octet-stream", files.pe())
+    pdf, pdf_headers = upload("doc.pdf", "application/pdf", files.pdf())
+    for path, body, extra, status in [
+        ("/streams/1/objects", png, headers, 200),
+        ("/streams/1/objects", big, big_headers, 200),  # past memory_threshold: a spill
+        ("/streams/1/objects", exe, exe_headers, 415),
+        ("/streams/trial/objects", pdf, pdf_headers, 200),  # mode: report would refuse it
+    ]:
+        assert send(gw.port, "POST", path, body, {**extra, **agent}).status == status
+    assert send(gw.port, "GET", "/plain", headers=agent).status == 200
+    assert send(gw.port, "GET", "/plain", headers=bearer("not-a-jwt")).status == 401
+    names = exported(scrape(gw))
+
+    alerts = [r["expr"] for g in load_yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]]
+    for expr in dashboard_exprs() + variable_queries() + alerts:
+        used = set(re.findall(r"\bupload_gateway_\w+", expr))
+        missing = used - names.keys() - FAULT_ONLY
+        assert not missing, f"{expr!r}: {missing} not exported by a running gateway"
+        carried = set().union(*(names.get(m, set()) for m in used)) | TARGET_LABELS
+        for name, selector in re.findall(r"\b(upload_gateway_\w+)\s*\{([^}]*)\}", expr):
+            matched = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+            unknown = matched - names.get(name, matched) - TARGET_LABELS
+            assert not unknown, f"{expr!r}: {name} carries no {unknown}"
+        grouped = {
+            n.strip()
+            for g in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
+            for n in g.split(",")
+            if n.strip()
+        }
+        if not used & FAULT_ONLY:
+            assert grouped <= carried, f"{expr!r} groups by labels outside {carried}"
+        for label in re.findall(r"label_values\(\w+,\s*(\w+)\)", expr):
+            assert label in carried, expr
