@@ -39,7 +39,9 @@ treat as "Redis unavailable".
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -65,6 +67,16 @@ RedisClient: TypeAlias = Redis | RedisCluster
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 """Exceptions meaning "Redis cannot answer now": callers fail closed on any of them."""
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password, for output: whoever has it can add API keys to the set."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)  # redis-py also reads ?password=
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostinfo}").geturl()
 
 
 def build_redis(config: RedisConfig, *, client_name: str = "upload-gateway") -> RedisClient:

@@ -13,6 +13,8 @@ import aiohttp
 import jwt
 import pytest
 import redis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.auth.keystore import KeyStore, digest
 from tests.conftest import mint
@@ -58,6 +60,8 @@ def forge(api_key: str | None, **claims: object) -> str:
         ("FORGED_EXPIRED", "expired_secret"),
         ("FORGED_NO_CLIENT_SECRET", "invalid_secret"),
         ("FORGED_ALG_NONE", "invalid_secret"),
+        ("SIGNED_UNENCODABLE_KEY", "invalid_secret"),
+        ("SIGNED_HUGE_EXP", "invalid_secret"),
     ],
 )
 async def test_bad_secrets_are_401_and_reach_nothing(
@@ -77,6 +81,10 @@ async def test_bad_secrets_are_401_and_reach_nothing(
         token = jwt.encode(
             {"exp": int(time.time()) + 60, "client_secret": api_key}, None, algorithm="none"
         )
+    elif token == "SIGNED_UNENCODABLE_KEY":  # valid JSON, but no UTF-8: was a 500
+        token = forge(api_key[:8] + "\ud800")
+    elif token == "SIGNED_HUGE_EXP":  # an int to PyJWT, too large for a float: was a 500
+        token = forge(api_key, exp=10**400)
     status, doc, headers = await get(gateway.url, token)
     assert status == 401
     assert doc["code"] == code
@@ -214,3 +222,86 @@ async def test_rotation_keeps_the_old_key_during_the_overlap_only(
     status, doc, _ = await get(gateway.url, old_token)
     assert status == 403 and doc["code"] == "key_not_active"
     assert (await get(gateway.url, new_token))[0] == 200
+
+
+def _ec_key_files(tmp_path: Path, name: str, curve: ec.EllipticCurve) -> Path:
+    """A fresh EC key pair on ``curve``: returns the private PEM's path, the public beside it."""
+    private = ec.generate_private_key(curve)
+    (tmp_path / f"{name}.pem").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private_file = tmp_path / f"{name}-private.pem"
+    private_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return private_file
+
+
+async def test_ec_signing_keys_on_two_curves_refuse_a_mismatched_alg_with_401(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """Rotating EC signing keys from P-256 to P-384 needs ``algorithms: [ES256, ES384]``. A
+    forged token naming the P-256 kid with ``alg: ES384`` made PyJWT raise InvalidKeyError, which
+    is not an InvalidTokenError: any client could turn a 401 into a 500 with an ERROR traceback
+    in the log. And ``secret mint`` signed with the first ES algorithm whatever the key's curve,
+    so minting for the P-384 kid crashed."""
+    p256 = _ec_key_files(tmp_path, "p256", ec.SECP256R1())
+    p384 = _ec_key_files(tmp_path, "p384", ec.SECP384R1())
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["auth"]["algorithms"] = ["HS256", "ES256", "ES384"]
+    config["auth"]["keys"]["ec-2024"] = {"public_key_file": str(tmp_path / "p256.pem")}
+    config["auth"]["keys"]["ec-2025"] = {"public_key_file": str(tmp_path / "p384.pem")}
+    gw = start_gateway(config, tmp_path)
+    try:
+        _, api_key = new_key(gw)
+        payload = {"exp": int(time.time()) + 600, "client_secret": api_key}
+        header = {"alg": "ES384", "kid": "ec-2024", "typ": "JWT"}
+        mismatched = [
+            jwt.encode(payload, "x" * 32, algorithm="HS256", headers={"kid": "ec-2024"}),
+            ".".join(  # alg ES384 on the P-256 kid: anyone can send this, no key needed
+                jwt.utils.base64url_encode(json.dumps(part).encode()).decode()
+                for part in (header, payload, "signature")
+            ),
+        ]
+        for token in mismatched:
+            status, doc, headers = await get(gw.url, token)
+            assert (status, doc.get("code")) == (401, "invalid_secret"), token
+            assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+        assert "Traceback" not in gw.log()
+        for kid, private_file in (("ec-2024", p256), ("ec-2025", p384)):
+            minted = cli(
+                gw.config_path, "secret", "mint", "--api-key", api_key,
+                "--kid", kid, "--private-key-file", str(private_file), check=False,
+            )  # fmt: skip
+            assert minted.returncode == 0, minted.stderr
+            assert (await get(gw.url, minted.stdout.strip()))[0] == 200
+    finally:
+        gw.stop()
+
+
+async def test_rotation_keeps_the_clients_ip_allow_list_and_rate_limit(
+    gateway: GatewayProc, backend: BackendProc
+) -> None:
+    """SPEC §3's IP allow-list and rate limit are the client's rules, kept with its keys. A
+    rotation (the remedy SECURITY.md gives for a leaked key) issued the new key without them,
+    so the client's replacement key worked from any address and without a limit."""
+    fenced = ("--allow-ip", "10.0.0.0/8", "--rate-limit", "2/60s")
+    cli(gateway.config_path, "keys", "add", "--client", "fenced", *fenced)
+    cli(gateway.config_path, "keys", "add", "--client", "limited", "--rate-limit", "2/60s")
+    for client in ("fenced", "limited"):
+        out = cli(gateway.config_path, "keys", "rotate", "--client", client, "--json")
+        new = json.loads(out.stdout)
+        listed = json.loads(
+            cli(gateway.config_path, "keys", "list", "--client", client, "--json").stdout
+        )
+        rules = {(tuple(k["allow_ips"]), k["rate_limit"]) for k in listed}
+        assert len(rules) == 1, f"the new key's rules differ from the old key's: {rules}"
+        token = mint(gateway, new["api_key"])
+        statuses = [(await get(gateway.url, token))[0] for _ in range(3)]
+        assert statuses == ([403] * 3 if client == "fenced" else [200, 200, 429])

@@ -168,6 +168,21 @@ def test_bad_arguments_and_unreachable_redis(tmp_path: Path, prefix: str) -> Non
     assert unknown_kid.returncode == 1 and unknown_kid.stdout == ""
 
 
+def test_the_redis_password_is_never_printed(tmp_path: Path, prefix: str) -> None:
+    """``redis.url`` carries the Redis password (README: db/password come from url), and whoever
+    can write to that Redis can add API keys. ``keys`` printed the whole URL when Redis failed,
+    and ``check-config`` in its summary: both land in CI logs, cron mail and terminals."""
+    password = "hunter2-redis-password"
+    url = f"redis://gateway:{password}@127.0.0.1:{free_port()}/0"
+    dead = write_config(tmp_path, url, prefix)
+    down = cli(dead, "keys", "list", check=False)
+    assert down.returncode == 1 and "Redis" in down.stderr
+    checked = cli(dead, "check-config", str(dead))
+    assert "127.0.0.1" in checked.stdout
+    for out in (down, checked):
+        assert password not in out.stdout + out.stderr
+
+
 async def test_mint_rs256_with_private_key_file(
     tmp_path: Path, redis_server: RedisServer, prefix: str
 ) -> None:

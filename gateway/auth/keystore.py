@@ -184,6 +184,8 @@ class KeyStore:
     ) -> tuple[NewKey, list[KeyRecord]]:
         """A new key; the client's other keys now expire at min(their expiry, now + overlap).
 
+        The IP allow-list and rate limit are the client's rules (SPEC §3): those not given are
+        taken from the client's newest active key, so a rotation never lifts them.
         Returns the new key and the old keys as they are now. Their digests are published on the
         revocation channel so replicas drop verdicts cached with the old, later expiry.
         """
@@ -216,6 +218,10 @@ class KeyStore:
         now = time.time()
         cutoff = now + overlap
         old = [r for r in await self._records_watched(pipe, old_digests) if r.active(now)]
+        if old:
+            newest = max(old, key=lambda r: (r.created, r.key_id))
+            allow_ips = allow_ips or newest.allow_ips
+            rate_limit = rate_limit or newest.rate_limit
         pipe.multi()  # type: ignore[no-untyped-call]
         new = self._queue_add(pipe, client, expires, label, allow_ips, rate_limit, now)
         ended: list[KeyRecord] = []

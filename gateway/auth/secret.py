@@ -37,6 +37,13 @@ FAMILIES: Mapping[str, tuple[str, ...]] = {
     "RS": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
     "ES": ("ES256", "ES384", "ES512"),
 }
+# RFC 7518 §3.4: each ES algorithm is bound to one curve. PyJWT refuses a mismatch with
+# InvalidKeyError, which is not an InvalidTokenError, so it must never reach jwt.decode.
+EC_CURVE_ALGORITHM: Mapping[str, str] = {
+    "secp256r1": "ES256",
+    "secp384r1": "ES384",
+    "secp521r1": "ES512",
+}
 # RFC 6750 §3: the challenge a client gets for a bad token (a missing one gets plain ``Bearer``).
 INVALID_TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 MISSING_TOKEN_CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -80,6 +87,15 @@ def key_family(key: SigningKey) -> tuple[str, Any]:
     raise ValueError(f"kid {key.kid!r} has neither a shared secret nor a public key")
 
 
+def fitting_algorithms(family: str, key: Any, algorithms: tuple[str, ...]) -> tuple[str, ...]:
+    """The allow-listed algorithms ``key`` can verify: its family's, and for EC its curve's only
+    (a P-256 key with ``ES384`` in the list would otherwise turn a forged header into a 500)."""
+    allowed = tuple(a for a in algorithms if a in FAMILIES[family])
+    if family == "ES":
+        allowed = tuple(a for a in allowed if a == EC_CURVE_ALGORITHM.get(key.curve.name))
+    return allowed
+
+
 def _invalid(detail: str, code: str = "invalid_secret") -> GatewayError:
     return GatewayError(code, detail, headers=INVALID_TOKEN_CHALLENGE)
 
@@ -93,7 +109,7 @@ class SecretVerifier:
         self._keys: dict[str, _VerificationKey] = {}
         for kid, signing_key in config.keys.items():
             family, key = key_family(signing_key)
-            allowed = tuple(a for a in config.algorithms if a in FAMILIES[family])
+            allowed = fitting_algorithms(family, key, config.algorithms)
             if allowed:  # a key with no allow-listed algorithm of its family can verify nothing
                 self._keys[kid] = _VerificationKey(key, allowed)
 
@@ -142,21 +158,26 @@ class SecretVerifier:
             raise _invalid(f"the Secret lacks the required claim {exc.claim!r}") from None
         except jwt.InvalidAlgorithmError:
             raise _invalid("the Secret uses an algorithm its signing key does not allow") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:  # InvalidTokenError, and InvalidKeyError which is not one
             raise _invalid("the Secret's signature or claims could not be verified") from None
         api_key = claims.pop(API_KEY_CLAIM, None)
         if not isinstance(api_key, str) or not api_key:
             raise _invalid(f"the Secret lacks the {API_KEY_CLAIM!r} claim")
+        try:
+            raw_key = api_key.encode()  # JSON can carry a lone surrogate (\ud800); UTF-8 cannot
+            float(claims["exp"])  # verify() keeps it as a float; PyJWT's int() takes 10**400
+        except (UnicodeEncodeError, OverflowError):
+            raise _invalid("the Secret's claims could not be verified") from None
         return VerifiedSecret(
-            kid=kid, api_key=SecretValue(api_key.encode()), claims=MappingProxyType(claims)
+            kid=kid, api_key=SecretValue(raw_key), claims=MappingProxyType(claims)
         )
 
 
-def signing_algorithm(family: str, algorithms: tuple[str, ...]) -> str:
-    """The first allow-listed algorithm of ``family``, so minted Secrets verify with this config."""
-    for algorithm in algorithms:
-        if algorithm in FAMILIES[family]:
-            return algorithm
+def signing_algorithm(family: str, algorithms: tuple[str, ...], key: Any = None) -> str:
+    """The first allow-listed algorithm that fits ``key`` (its curve, for EC), so minted Secrets
+    verify with this config."""
+    for algorithm in fitting_algorithms(family, key, algorithms):
+        return algorithm
     raise ValueError(f"auth.algorithms {list(algorithms)} has no {family} algorithm to sign with")
 
 

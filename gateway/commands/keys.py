@@ -24,7 +24,7 @@ from gateway.commands import add_config_argument
 from gateway.config.loader import load_config
 from gateway.config.reader import ConfigError
 from gateway.config.units import parse_duration
-from gateway.redis_client import REDIS_ERRORS, build_redis
+from gateway.redis_client import REDIS_ERRORS, build_redis, display_url
 
 DEFAULT_TTL = "90d"
 
@@ -38,7 +38,11 @@ def register(subparsers: Any) -> None:
     _key_options(add)
     add.set_defaults(func=run, handler=_add)
 
-    rotate = actions.add_parser("rotate", help="new key; the client's old keys end after --overlap")
+    rotate = actions.add_parser(
+        "rotate",
+        help="new key (keeping the client's allow-list and rate limit unless given); "
+        "the client's old keys end after --overlap",
+    )
     _key_options(rotate)
     rotate.add_argument(
         "--overlap",
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(main())
     except REDIS_ERRORS as exc:
-        print(f"error: Redis at {config.redis.url} failed: {exc}", file=sys.stderr)
+        print(f"error: Redis at {display_url(config.redis.url)} failed: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -90,7 +90,7 @@ def _signing_key(auth: AuthConfig, kid: str, private_key_file: str | None) -> tu
     same = private.public_key().public_numbers() == public.public_numbers()
     if configured_family != family or not same:
         raise ValueError(f"{private_key_file} is not the private half of kid {kid!r}'s public key")
-    return private, signing_algorithm(family, auth.algorithms)
+    return private, signing_algorithm(family, auth.algorithms, public)
 
 
 def _claim(text: str) -> tuple[str, Any]:
