@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_exceptions import SocketTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
@@ -46,14 +47,53 @@ _RESPONSE_FRAMING = ("content-length",)  # Transfer-Encoding is hop-by-hop alrea
 
 class _CountingHandler(ResponseHandler):
     """Counts the bytes a backend connection received, so the pool can tell whether any
-    arrived while it sat idle."""
+    arrived while it sat idle; and bounds how long sending may stall (``send_timeout``).
+
+    aiohttp's ``sock_read`` starts only once the request body is sent: a backend that stops
+    reading it (its receive window full) would hold the request, its spool and its descriptor
+    forever, and a few such requests fill ``spool.max_bytes``. Like nginx's
+    ``proxy_send_timeout``, the clock runs only while the transport has stopped taking bytes
+    (``pause_writing``: only under backpressure, one timer per pause, nothing per chunk) and
+    restarts whenever the backend reads again; when it runs out the exchange is a timeout.
+    """
 
     received = 0
     released_at = -1
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
+        super().__init__(loop)
+        self._send_timeout = send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
+
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         super().data_received(data)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timeout:
+            self._send_timer = self._loop.call_later(self._send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._drop_send_timer()
+        super().resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._drop_send_timer()
+        super().connection_lost(exc)
+
+    def _drop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        """The wait for the response fails as a timeout (504); the connection is aborted, not
+        closed: a close would wait for the unsent bytes to drain, that is forever."""
+        self._send_timer = None
+        self.set_exception(SocketTimeoutError("Timeout on sending the request body"))
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class _CleanPoolConnector(aiohttp.TCPConnector):
@@ -66,9 +106,13 @@ class _CleanPoolConnector(aiohttp.TCPConnector):
     upstream connection on any unexpected data (``ngx_http_upstream_keepalive_close_handler``).
     """
 
-    def __init__(self, *, limit: int, keepalive_timeout: float, ssl: object) -> None:
+    def __init__(
+        self, *, limit: int, keepalive_timeout: float, ssl: object, send_timeout: float
+    ) -> None:
         super().__init__(limit=limit, keepalive_timeout=keepalive_timeout, ssl=ssl)  # type: ignore[arg-type]
-        self._factory = functools.partial(_CountingHandler, loop=self._loop)  # type: ignore[assignment]
+        self._factory = functools.partial(  # type: ignore[assignment]
+            _CountingHandler, loop=self._loop, send_timeout=send_timeout
+        )
 
     def _release(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
@@ -137,6 +181,7 @@ class Forwarder:
             limit=self._config.pool_size,
             keepalive_timeout=30,
             ssl=ssl,
+            send_timeout=self._config.read_timeout,  # nginx: proxy_send_timeout = read's
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

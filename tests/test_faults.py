@@ -265,6 +265,75 @@ async def test_a_backend_resetting_mid_request_body_is_a_502_and_the_spool_is_re
     await assert_still_serving(fault_gw, agent, backend)
 
 
+def inflight(gw: GatewayProc) -> float:
+    return gauge(gw.admin_port, "upload_gateway_inflight_uploads")
+
+
+@pytest.fixture(scope="module")
+def roomy_gw(
+    fault_redis: RedisServer, fault_backend: FaultBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProc]:
+    """Uploads larger than the socket buffers between gateway and backend (~4 MiB on
+    loopback), spooled to disk when announced past 8 MiB, else kept in memory."""
+    work = tmp_path_factory.mktemp("roomy")
+    config = fault_config(fault_redis.url, fault_backend.url, work / "spool")
+    config["spool"].update(memory_threshold="8MiB", memory_budget="32MiB", max_bytes="64MiB")
+    gw = start_gateway(config, work)
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "size"),
+    [
+        ("/streams/stall-request/objects", 12 * MiB),  # spooled to disk
+        ("/streams/stall-request/objects", 6 * MiB),  # kept in memory
+        ("/api/stall-request/notes", 30 * MiB),  # a pass-through body, streamed as it comes
+    ],
+)
+async def test_a_backend_that_stops_reading_the_body_is_a_504_and_gives_the_spool_back(
+    roomy_gw: GatewayProc, backend: FaultBackend, agent: str, path: str, size: int
+) -> None:
+    """A backend stuck before reading the request body (its receive window full) must not hold
+    the upload, its spool bytes and its descriptor forever: the read timeout starts only once
+    the body is sent, so without a bound on sending, a handful of such requests fill
+    ``spool.max_bytes`` and every later upload is a 507. nginx's ``proxy_send_timeout``: 504."""
+    gw = roomy_gw
+    await assert_still_serving(gw, agent, backend)
+    baseline = len(fds(gw))
+    body, ctype = pdf_upload(size)
+    started = time.monotonic()
+    try:
+        status, doc, headers = await asyncio.wait_for(
+            upload(gw, agent, path, body, ctype), READ_TIMEOUT + 6
+        )
+    except TimeoutError:
+        status, doc, headers = 0, {}, {}
+    elapsed = time.monotonic() - started
+    assert status == 504, f"no answer after {elapsed:.1f} s: the gateway waits forever"
+    assert_problem(status, doc, headers, 504, "backend_timeout")
+    assert not backend.records("/stall-request/")[0].complete
+    assert wait_until(lambda: spool_bytes(gw) == 0 and inflight(gw) == 0)
+    assert_released(gw, baseline)
+    await assert_still_serving(gw, agent, backend)
+
+
+async def test_a_backend_reading_slowly_but_steadily_is_not_cut_off(
+    roomy_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    """The bound on sending is per stall, like nginx's ``proxy_send_timeout``, not on the whole
+    body: a backend that pauses shorter than ``read_timeout`` after each 4 MiB it reads takes
+    several times ``read_timeout`` for the whole upload and still gets all of it."""
+    body, ctype = exactly(18 * MiB)
+    started = time.monotonic()
+    status, doc, _ = await upload(roomy_gw, agent, "/streams/slow-read/objects", body, ctype)
+    assert status == 200, doc
+    assert time.monotonic() - started > 2 * READ_TIMEOUT
+    [rec] = backend.records("/streams/slow-read/")
+    assert rec.complete and rec.sha256 == hashlib.sha256(body).hexdigest()
+    assert wait_until(lambda: spool_bytes(roomy_gw) == 0)
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_response(
     fault_gw: GatewayProc, backend: FaultBackend, agent: str, framing: str
@@ -475,6 +544,164 @@ async def test_past_the_memory_budget_even_a_small_upload_goes_to_the_spool_file
         assert_released(gw)
     finally:
         gw.stop()
+
+
+def spills(gw: GatewayProc) -> dict[str, float]:
+    return Samples(scrape(gw)).by("spool_spills_total", "reason")
+
+
+def exchange(gw: GatewayProc, head: bytes, body: bytes, *, vanish_after: int = -1) -> int:
+    """Send ``head`` and ``body`` (all of it, or ``vanish_after`` bytes and then a RST);
+    the answer's status, 0 when there is none."""
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        if vanish_after >= 0:
+            sock.sendall(head + body[:vanish_after])
+            time.sleep(0.1)
+            vanish(sock)
+            return 0
+        answer = send_while_listening(sock, head + body)
+    return parse_response(answer).status if answer else 0
+
+
+def chunked_head(secret: str, path: str, ctype: str) -> bytes:
+    return raw_head("POST", path, secret, ctype, chunked=True)
+
+
+def as_chunks(body: bytes, piece: int) -> bytes:
+    pieces = (body[i : i + piece] for i in range(0, len(body), piece))
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@pytest.fixture
+def tight_gw(
+    fault_redis: RedisServer, fault_backend: FaultBackend, tmp_path: Path
+) -> Iterator[GatewayProc]:
+    """A memory budget of exactly one threshold: a single byte of it not given back sends the
+    next upload that fits the threshold to disk (``spool_spills_total{reason="budget"}``)."""
+    config = fault_config(fault_redis.url, fault_backend.url, tmp_path / "spool")
+    config["spool"].update(memory_threshold="64KiB", memory_budget="64KiB")
+    config["server"].update(body_timeout="1s")
+    config["channels"]["small"] = {
+        "agents": {"max_file_size": "100KB", "allowed_types": [".pdf"]},
+        "customers": {"enabled": False},
+    }
+    gw = start_gateway(config, tmp_path)
+    yield gw
+    gw.stop()
+
+
+def exactly(total: int) -> tuple[bytes, str]:
+    """A PDF upload whose whole multipart body is ``total`` bytes."""
+    overhead = len(pdf_upload(1000)[0]) - 1000
+    return pdf_upload(total - overhead)
+
+
+async def test_every_way_an_upload_ends_gives_back_budget_spool_gauges_and_descriptors(
+    tight_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    """Accepted (memory, announced to disk, spilled midway), refused before the body, at the
+    sniff, by size midway, as malformed, for a full spool, for a stalled client, the client
+    gone (in memory, on disk), the backend reset or hanging: each several times, then every
+    counter is back where it started. A leak of one byte of the memory budget would turn every
+    later upload into a spill, of ``spool.max_bytes`` into a 507 sooner or later."""
+    gw = tight_gw
+    await assert_still_serving(gw, agent, backend)
+    baseline = len(fds(gw))
+    small, ctype = pdf_upload(20_000)
+    large, _ = pdf_upload(300_000)
+    exe, _ = multipart([("file", "doc.pdf", None, make("pe", 20_000))])
+    full, _ = pdf_upload(SPOOL_MAX + 1)
+
+    def post(path: str, body: bytes, length: int | None = None) -> bytes:
+        return raw_head("POST", path, agent, ctype, len(body) if length is None else length)
+
+    paths: dict[str, tuple[int, Any]] = {
+        "memory": (200, lambda: exchange(gw, post("/streams/a/objects", small), small)),
+        "announced": (200, lambda: exchange(gw, post("/streams/a/objects", large), large)),
+        "threshold": (
+            200,
+            lambda: exchange(
+                gw, chunked_head(agent, "/streams/a/objects", ctype), as_chunks(large, 4096)
+            ),
+        ),
+        "precheck": (413, lambda: exchange(gw, post("/streams/a/objects", b"", 60 * MiB), b"")),
+        "sniffed": (415, lambda: exchange(gw, post("/streams/a/objects", exe), exe)),
+        "too_large": (413, lambda: exchange(gw, post("/streams/small/objects", large), large)),
+        "malformed": (400, lambda: exchange(gw, post("/streams/a/objects", small), b"x" * 20_000)),
+        "spool_full": (507, lambda: exchange(gw, post("/streams/a/objects", full), full)),
+        "stalled": (
+            408,
+            lambda: exchange(gw, post("/streams/a/objects", small, 40_000), small),
+        ),
+        "gone_memory": (
+            0,
+            lambda: exchange(gw, post("/streams/a/objects", small), small, vanish_after=10_000),
+        ),
+        "gone_disk": (
+            0,
+            lambda: exchange(gw, post("/streams/a/objects", large), large, vanish_after=200_000),
+        ),
+        "backend_reset": (
+            502,
+            lambda: exchange(gw, post("/streams/reset-request/objects", large), large),
+        ),
+        "backend_hang": (504, lambda: exchange(gw, post("/streams/hang/objects", small), small)),
+    }
+    before = spills(gw)
+    for _ in range(3):
+        for name, (expected, run) in paths.items():
+            assert await asyncio.to_thread(run) == expected, name
+    assert wait_until(lambda: spool_bytes(gw) == 0 and inflight(gw) == 0), (
+        spool_bytes(gw),
+        inflight(gw),
+    )
+    assert_released(gw, baseline)
+    # The whole memory budget is free again: a body of exactly it stays in memory ...
+    before = spills(gw)
+    body, ctype = exactly(64 * 1024)
+    head = chunked_head(agent, "/streams/budget/objects", ctype)
+    assert await asyncio.to_thread(exchange, gw, head, as_chunks(body, 4096)) == 200
+    assert spills(gw) == before, "some of the memory budget was never given back"
+    # ... and so is the whole of spool.max_bytes: an upload of exactly it is accepted.
+    body, ctype = exactly(SPOOL_MAX)
+    status, doc, _ = await upload(gw, agent, "/streams/budget/objects", body, ctype)
+    assert status == 200, doc
+    assert wait_until(lambda: spool_bytes(gw) == 0)
+    assert_released(gw, baseline)
+
+
+async def test_many_concurrent_uploads_against_a_small_memory_budget_all_pass_and_leak_nothing(
+    tight_gw: GatewayProc, backend: FaultBackend, agent: str
+) -> None:
+    """40 uploads at once, each within the threshold, into a budget that holds one of them:
+    the rest spill (``budget``) instead of failing, every body arrives whole, and afterwards
+    the budget, the spool and the descriptors are all back."""
+    gw = tight_gw
+    await assert_still_serving(gw, agent, backend)
+    baseline = len(fds(gw))
+    files = sum(not target.startswith("socket:") for target in fds(gw).values())
+    body, ctype = pdf_upload(40_000)
+    before = spills(gw).get("budget", 0.0)
+
+    async def one(i: int) -> int:
+        status, _, _ = await upload(gw, agent, f"/streams/many-{i}/objects", body, ctype)
+        return status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(40)))
+    assert statuses == [200] * 40
+    digest = hashlib.sha256(body).hexdigest()
+    assert all(r.sha256 == digest for r in backend.records("/streams/many-"))
+    assert spills(gw).get("budget", 0.0) > before, "the budget should have run out"
+    assert wait_until(lambda: spool_bytes(gw) == 0 and inflight(gw) == 0)
+    assert_released(gw)
+    # beyond the baseline: at most the keep-alive pool to the backend, one per upload at once
+    assert len(fds(gw)) <= baseline + 40
+    assert sum(not t.startswith("socket:") for t in fds(gw).values()) <= files
+    before = spills(gw)
+    body, ctype = exactly(64 * 1024)
+    head = chunked_head(agent, "/streams/budget/objects", ctype)
+    assert await asyncio.to_thread(exchange, gw, head, as_chunks(body, 4096)) == 200
+    assert spills(gw) == before, "some of the memory budget was never given back"
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ The behaviour is chosen by the request path, so one backend serves every fault:
 
 * ``…/reset-request/…``  read the head and 64 KiB of the body, then RST
 * ``…/hang/…``           read the whole body, then never answer
+* ``…/stall-request/…``  read the head, then never read the body nor answer (until closed)
+* ``…/slow-read/…``      read the body with a 0.6 s pause after each 4 MiB, then answer
 * ``/fault/reset-response-length``   promise ``Content-Length: 1000000``, send 1,000 bytes, RST
 * ``/fault/reset-response-chunked``  chunked: one 1,000-byte chunk, then RST (no last chunk)
 * ``/fault/big/{n}``     send ``n`` bytes with a Content-Length (records how many went out)
@@ -57,6 +59,7 @@ _ODD_ANSWERS = {
     b'Content-Disposition: attachment; filename="caf\xe9.pdf"\r\n\r\nok',
 }
 PARTIAL_READ = 64 * 1024
+SLOW_READ = 4 << 20
 
 
 @dataclass
@@ -127,6 +130,21 @@ class _Conn:
         while self._fill():
             self.buf = b""
 
+    def stall(self, limit: float = 30.0) -> None:
+        """Read nothing more (the receive window fills, the sender blocks) until the peer
+        closes or ``limit`` s pass: a backend stuck before reading the request body."""
+        deadline = time.monotonic() + limit
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:  # a peek of the head of the queue: nothing is consumed, a FIN or RST shows
+                if not self.sock.recv(1, socket.MSG_PEEK) and not self.buf:
+                    return
+            except TimeoutError:
+                pass
+            except OSError:
+                return
+            time.sleep(0.1)
+        self.sock.close()
+
     def reset(self) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
         self.sock.close()
@@ -165,6 +183,7 @@ class FaultBackend:
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = 128  # socketserver's 5 resets connections under concurrency
 
             def server_bind(self) -> None:
                 # A small receive window (inherited by accepted sockets), so a backend that stops
@@ -199,6 +218,9 @@ class FaultBackend:
                 rec.add(conn.take(PARTIAL_READ))
                 conn.reset()
                 return
+            if "/stall-request/" in path:
+                conn.stall()
+                return
             self._read_body(conn, rec)
             if not self._answer(conn, rec):
                 return
@@ -222,6 +244,8 @@ class FaultBackend:
             if not data:
                 return
             rec.add(data)
+            if "/slow-read/" in rec.path and rec.length % SLOW_READ == 0:
+                time.sleep(0.6)
         rec.complete = True
 
     def _answer(self, conn: _Conn, rec: Received) -> bool:
