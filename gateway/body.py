@@ -47,7 +47,10 @@ class BodyStream:
     async def read_chunk(self) -> bytes:
         """The next chunk, ``b""`` at the end; raises 408 when the client stalls."""
         try:
-            async with asyncio.timeout(self._idle_timeout):
+            if self._may_wait():
+                async with asyncio.timeout(self._idle_timeout):
+                    chunk = await self._next_piece()
+            else:
                 chunk = await self._next_piece()
         except TimeoutError as exc:
             self.error = GatewayError(
@@ -60,6 +63,14 @@ class BodyStream:
             raise
         self.received += len(chunk)
         return chunk
+
+    def _may_wait(self) -> bool:
+        """Whether the next read may wait for the client, and so needs its deadline: not when
+        aiohttp has bytes buffered already (it was fed more than was taken) nor at the end.
+        Arming and cancelling a timeout costs ~6 us, twice per small upload and once per chunk
+        of a large one, where most reads find their bytes waiting."""
+        content = self._content
+        return not content.is_eof() and content.total_bytes <= self.received
 
     async def _next_piece(self) -> bytes:
         if self._chunked:
