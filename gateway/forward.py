@@ -252,6 +252,16 @@ class Forwarder:
         except TimeoutError as exc:
             self._metrics.backend_errors.labels(kind="timeout").inc()
             raise GatewayError("backend_timeout", "the backend did not answer in time") from exc
+        except aiohttp.ClientResponseError as exc:
+            # Its head did not parse (a header over 8190 bytes, Content-Length twice or with
+            # Transfer-Encoding): the backend's fault, not a dropped connection. The parser's
+            # message quotes the backend's bytes (a Set-Cookie, say): only its first words are
+            # logged.
+            self._metrics.backend_errors.labels(kind="invalid_response").inc()
+            LOGGER.warning("backend response refused: %.80s", exc.message.split(":", 1)[0])
+            raise GatewayError(
+                "backend_unavailable", "the backend's response is not valid HTTP/1.1"
+            ) from exc
         except aiohttp.ClientError as exc:
             gone = client_error()
             if gone is not None:
@@ -319,12 +329,19 @@ class Forwarder:
 
 def _unrelayable(backend: aiohttp.ClientResponse) -> str | None:
     """Why a response cannot be passed on as it is, if it cannot: a header aiohttp would edit,
-    or a switch of protocols nobody asked for (``Upgrade`` is never forwarded, and relaying a
-    101 would leave the client waiting on a connection that speaks nothing it knows)."""
+    a transfer coding it would not undo, or a switch of protocols nobody asked for (``Upgrade``
+    is never forwarded, and relaying a 101 would leave the client waiting on a connection that
+    speaks nothing it knows)."""
     if backend.status == 101:
         return "the backend switched protocols although no upgrade was asked for"
     if has_undecodable_bytes(backend.headers):
         return "the backend sent a header value that is not valid UTF-8"
+    codings = backend.headers.getall("Transfer-Encoding", ())
+    if codings and (len(codings) > 1 or codings[0].lower() != "chunked"):
+        # aiohttp undoes only ``chunked``; ``gzip`` (or ``chunked, chunked``) would reach the
+        # client as if it were the content, the coding's name dropped with the hop-by-hop
+        # header. nginx refuses these too ("upstream sent unknown Transfer-Encoding").
+        return "the backend sent a Transfer-Encoding other than chunked"
     return None
 
 

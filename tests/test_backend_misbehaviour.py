@@ -17,10 +17,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import mint
-from tests.support.faults import FaultBackend, gauge
+from tests.support.faults import (
+    FaultBackend,
+    gauge,
+    raw_head,
+    send_while_listening,
+    wait_until,
+)
+from tests.support.files import make
 from tests.support.gateway_proc import GatewayProc, base_config, cli, start_gateway
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import RawResponse, parse_response
+from tests.test_metrics import Samples, scrape
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +133,68 @@ def test_a_switch_of_protocols_nobody_asked_for_is_a_502(odd_gw: GatewayProc, to
     before = backend_errors(odd_gw)
     assert_problem(parse_response(get(odd_gw, token, "/fault/switch")), 502, "backend_unavailable")
     assert backend_errors(odd_gw) == before + 1
+
+
+@pytest.mark.parametrize("coding", ["gzip", "two-lines", "chunked-twice"])
+def test_a_transfer_coding_other_than_chunked_is_a_502_not_a_corrupted_body(
+    odd_gw: GatewayProc, token: str, coding: str
+) -> None:
+    """aiohttp undoes only ``chunked``: a ``gzip`` transfer coding would reach the client as
+    the content itself, its name dropped with the hop-by-hop header (nginx: "upstream sent
+    unknown Transfer-Encoding", 502)."""
+    before = backend_errors(odd_gw)
+    response = parse_response(get(odd_gw, token, f"/fault/te/{coding}"))
+    assert_problem(response, 502, "backend_unavailable")
+    assert backend_errors(odd_gw) == before + 1
+
+
+@pytest.mark.parametrize("fault", ["huge-header", "cl-and-te", "two-lengths"])
+def test_a_response_head_that_does_not_parse_is_an_invalid_response_not_quoted_in_the_log(
+    odd_gw: GatewayProc, token: str, fault: str
+) -> None:
+    """A 502 either way; but it is the backend's broken answer, not a dropped connection, and
+    the parser's message quotes the backend's bytes (here a session cookie) into the log."""
+    logged = len(odd_gw.log())
+    before = Samples(scrape(odd_gw)).by("backend_errors_total", "kind")
+    response = parse_response(get(odd_gw, token, f"/fault/invalid/{fault}"))
+    assert_problem(response, 502, "backend_unavailable")
+    assert "not valid HTTP" in json.loads(response.body)["detail"]
+    after = Samples(scrape(odd_gw)).by("backend_errors_total", "kind")
+    changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert changed == {"invalid_response": 1.0}, changed
+    assert wait_until(lambda: f"/fault/invalid/{fault}" in odd_gw.log()[logged:])
+    assert "s3ss10n" not in odd_gw.log()[logged:]
+
+
+@pytest.mark.parametrize("path", ["/fault/interim/100", "/fault/interim/103", "/fault/no-reason"])
+def test_interim_responses_are_dropped_and_a_status_line_without_a_reason_is_relayed(
+    odd_gw: GatewayProc, token: str, path: str
+) -> None:
+    """A 100 nobody asked for and 103 Early Hints never reach the client (nginx drops them
+    too); ``HTTP/1.1 200`` without a reason phrase is a valid status line."""
+    response = parse_response(get(odd_gw, token, path))
+    assert (response.status, response.body) == (200, b"ok"), response.raw[:300]
+    assert response.raw.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize("kind", ["pass-through", "upload"])
+def test_an_early_answer_reaches_the_client_and_its_connection_is_not_reused(
+    odd_gw: GatewayProc, fault_backend: FaultBackend, token: str, kind: str
+) -> None:
+    """The backend answers 413 on the head, before reading a byte of the 8 MiB body (then
+    discards the body and serves on, RFC 9112 §9.3): the client gets the 413, not a 502, and
+    a connection whose body was cut short never carries another request (the backend would
+    read that request as the rest of the body)."""
+    fault_backend.clear()
+    size = 8 * MiB
+    if kind == "upload":
+        path, ctype, body = "/streams/early/objects", "application/pdf", make("pdf", size)
+    else:
+        path, ctype, body = "/api/early/notes", "application/octet-stream", b"x" * size
+    with socket.create_connection(("127.0.0.1", odd_gw.port)) as sock:
+        sock.sendall(raw_head("POST", path, token, ctype, len(body)))
+        response = parse_response(send_while_listening(sock, body))
+    assert (response.status, response.body) == (413, b"too large"), response.raw[:300]
+    for who in ("erin", "frank"):
+        answer = parse_response(get(odd_gw, token, f"/fault/whoami/{who}"))
+        assert answer.body == f"you asked for /fault/whoami/{who}".encode(), answer.raw[:300]

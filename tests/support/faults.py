@@ -6,6 +6,8 @@ sending a body, hangs after reading one, or cuts a response short after its head
 The behaviour is chosen by the request path, so one backend serves every fault:
 
 * ``…/reset-request/…``  read the head and 64 KiB of the body, then RST
+* ``…/early/…``          answer 413 on the head, before reading the body, then read (discard)
+  the body and go on serving the connection, as RFC 9112 §9.3 allows
 * ``…/hang/…``           read the whole body, then never answer
 * ``…/stall-request/…``  read the head, then never read the body nor answer (until closed)
 * ``…/slow-read/…``      read the body with a 0.6 s pause after each 4 MiB, then answer
@@ -16,8 +18,10 @@ The behaviour is chosen by the request path, so one backend serves every fault:
   (by then idle, pooled) connection: after a 204/304, or past a ``Content-Length``
 * ``/fault/whoami/…``    answer with the path asked for, so a client can tell its answer
 * ``/fault/chunked``, ``/fault/close-delimited``  a body without a Content-Length
-* ``/fault/no-content-type``, ``/fault/latin1-header``, ``/fault/switch`` (101 unasked)  what a
-  framework would not send
+* ``/fault/no-content-type``, ``/fault/latin1-header``, ``/fault/switch`` (101 unasked),
+  ``/fault/te/…`` (a transfer coding other than chunked), ``/fault/invalid/…`` (a head aiohttp's
+  parser refuses), ``/fault/interim/…`` (1xx first), ``/fault/no-reason``  what a framework
+  would not send
 * anything else          read the body and answer 200 with a small JSON document
 
 Every request is recorded (:class:`Received`) *as soon as its head arrives*, and completed as the
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 
 from tests.support.procs import free_port
 
+SESSION_TOKEN = b"s3ss10n-" * 1100  # a header value over aiohttp's 8190-byte limit
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST instead of a FIN
 POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nContent-Type: text/plain\r\n\r\nPOISONED!"
 _ODD_ANSWERS = {
@@ -57,7 +62,30 @@ _ODD_ANSWERS = {
     b"Connection: Upgrade\r\n\r\n\x81\x05hello",
     "/fault/latin1-header": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
     b'Content-Disposition: attachment; filename="caf\xe9.pdf"\r\n\r\nok',
+    # gzip-coded bytes would reach the client as if they were the content
+    "/fault/te/gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+    "/fault/te/two-lines": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "/fault/te/chunked-twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+    "/fault/invalid/huge-header": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: sid="
+    + SESSION_TOKEN
+    + b"\r\n\r\nok",
+    "/fault/invalid/cl-and-te": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "/fault/invalid/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    b"Content-Length: 5\r\n\r\nhello",
+    "/fault/interim/100": b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/fault/interim/103": b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/fault/no-reason": b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
 }
+EARLY = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\n"
+    b"too large"
+)
 PARTIAL_READ = 64 * 1024
 SLOW_READ = 4 << 20
 
@@ -221,7 +249,11 @@ class FaultBackend:
             if "/stall-request/" in path:
                 conn.stall()
                 return
+            if "/early/" in path:
+                conn.sock.sendall(EARLY)  # before a byte of the body was read
             self._read_body(conn, rec)
+            if "/early/" in path:
+                continue  # answered; the body was discarded, the connection serves on
             if not self._answer(conn, rec):
                 return
 
