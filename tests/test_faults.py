@@ -413,7 +413,7 @@ async def test_an_upload_whose_client_vanished_counts_as_aborted_not_as_rejected
 ) -> None:
     """``uploads_total{outcome="rejected"}`` is what a policy refused: a mobile client dropping
     mid-upload is not, and counting it there makes every network blip look like the policy."""
-    before = Samples(scrape(fault_gw)).by("uploads_total", "outcome")
+    before = _settled_outcomes(fault_gw)
     body, ctype = pdf_upload(3 * MiB)
     with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
         sock.sendall(raw_head("POST", "/streams/vanish-counted/objects", agent, ctype, len(body)))
@@ -425,6 +425,19 @@ async def test_an_upload_whose_client_vanished_counts_as_aborted_not_as_rejected
     changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     assert changed == {"aborted": 1.0}, changed
     assert backend.records("/streams/vanish-counted/") == []
+
+
+def _settled_outcomes(gw: GatewayProc) -> dict[str, float]:
+    """``uploads_total`` by outcome once the earlier tests' uploads are all counted: a relayed
+    answer reaches its client before the gateway's accounting of it runs."""
+    last = Samples(scrape(gw)).by("uploads_total", "outcome")
+    for _ in range(50):
+        time.sleep(0.1)
+        now = Samples(scrape(gw)).by("uploads_total", "outcome")
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def assert_closed_quietly(
