@@ -369,17 +369,22 @@ def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_res
 # -- clients ----------------------------------------------------------------------------------
 
 
+def vanish_mid_upload(gw: GatewayProc, agent: str, path: str) -> None:
+    """Send two thirds of a 3 MiB upload to ``path``, then reset the connection."""
+    body, ctype = pdf_upload(3 * MiB)
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(raw_head("POST", path, agent, ctype, len(body)))
+        sock.sendall(body[: 2 * MiB])
+        time.sleep(0.3)
+        vanish(sock)
+
+
 async def test_a_client_vanishing_mid_upload_sends_the_backend_nothing_and_leaks_nothing(
     fault_gw: GatewayProc, backend: FaultBackend, agent: str
 ) -> None:
     await assert_still_serving(fault_gw, agent, backend)  # warm pools: the baseline is steady
     baseline, logged = len(fds(fault_gw)), len(fault_gw.log())
-    body, ctype = pdf_upload(3 * MiB)
-    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
-        sock.sendall(raw_head("POST", "/streams/vanish/objects", agent, ctype, len(body)))
-        sock.sendall(body[: 2 * MiB])
-        time.sleep(0.3)
-        vanish(sock)
+    vanish_mid_upload(fault_gw, agent, "/streams/vanish/objects")
     assert_released(fault_gw, baseline)
     assert backend.records("/streams/vanish/") == []
     await assert_still_serving(fault_gw, agent, backend)
@@ -414,12 +419,7 @@ async def test_an_upload_whose_client_vanished_counts_as_aborted_not_as_rejected
     """``uploads_total{outcome="rejected"}`` is what a policy refused: a mobile client dropping
     mid-upload is not, and counting it there makes every network blip look like the policy."""
     before = _settled_outcomes(fault_gw)
-    body, ctype = pdf_upload(3 * MiB)
-    with socket.create_connection(("127.0.0.1", fault_gw.port)) as sock:
-        sock.sendall(raw_head("POST", "/streams/vanish-counted/objects", agent, ctype, len(body)))
-        sock.sendall(body[: 2 * MiB])
-        time.sleep(0.3)
-        vanish(sock)
+    vanish_mid_upload(fault_gw, agent, "/streams/vanish-counted/objects")
     assert wait_until(lambda: "/streams/vanish-counted/objects" in fault_gw.log())
     after = Samples(scrape(fault_gw)).by("uploads_total", "outcome")
     changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
