@@ -467,6 +467,13 @@ async def test_clients_can_ask_for_their_policy(
             assert (await r.json())["enabled"]["value"] is False
         async with s.get(url) as r:
             assert r.status == 401
+        # spelled as an upload's path may be (a trailing slash, ``//``, ``.``): the same channel
+        for spelling in ("whatsapp/", "./whatsapp", "/whatsapp"):
+            async with s.get(
+                URL(f"{gateway.url}/_gateway/policy/{spelling}", encoded=True),
+                headers={"Authorization": f"Bearer {agent_secret}"},
+            ) as r:
+                assert (await r.json())["channel"] == "whatsapp", spelling
     assert backend.records() == []
 
 

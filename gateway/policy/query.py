@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
 from gateway.config.model import Config, Role
 from gateway.policy.role import ROLES, role_from_claims
-from gateway.policy.routes import channel_key
+from gateway.policy.routes import channel_key, path_segments
 from gateway.policy.rules import effective_policy
 from gateway.policy.types import GROUPS
 
@@ -37,14 +36,10 @@ def caller_role(config: Config, claims: Mapping[str, Any], asked: str | None) ->
 def policy_response(
     request: web.Request, config: Config, claims: Mapping[str, Any], request_id: str
 ) -> web.Response:
-    # The id as sent (request.path is already decoded: ``enc%2Fid`` would read ``enc/id``),
-    # mapped to its channel key exactly as an upload to that id is (routes.channel_key).
-    raw = request.raw_path.split("?", 1)[0].split("#", 1)[0]
-    channel_id = (
-        raw[len(POLICY_PREFIX) :]
-        if raw.startswith(POLICY_PREFIX)
-        else quote(request.path[len(POLICY_PREFIX) :], safe="")
-    )
+    # The id as sent (request.path is already decoded: ``enc%2Fid`` would read ``enc/id``), in
+    # segments read as an upload's path is (a trailing slash, ``//``, ``.``), and mapped to its
+    # channel key exactly as an upload to that id is (routes.channel_key).
+    channel_id = "/".join(path_segments(request.raw_path)[2:])  # after _gateway/policy
     role = caller_role(config, claims, request.query.get("role"))
     policy = effective_policy(config, channel_key(config, channel_id), role)
     body = policy.as_dict()

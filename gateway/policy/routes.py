@@ -29,7 +29,7 @@ class UploadTarget:
     url_filename: str | None = None  # a file name the URL carries (a trailing {placeholder})
 
 
-def _segments(raw_path: str) -> list[str]:
+def path_segments(raw_path: str) -> list[str]:
     """Raw (still percent-encoded) segments with ``//``, ``.`` and ``..`` resolved."""
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
     out: list[str] = []
@@ -75,7 +75,7 @@ def channel_key(config: Config, raw_id: str) -> str:
 def match_upload(config: Config, method: str, raw_path: str) -> UploadTarget | None:
     """The upload target of ``method raw_path``, or None for an ordinary request."""
     method = method.upper()
-    segments = _segments(raw_path)
+    segments = path_segments(raw_path)
     for route in config.uploads.routes:
         if method not in route.methods:
             continue
