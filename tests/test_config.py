@@ -539,6 +539,16 @@ def test_bad_env_overrides_name_the_variable() -> None:
     }
 
 
+def test_a_malformed_url_is_refused_without_showing_its_password() -> None:
+    """A typo in a URL with credentials must not print them (check-config output, logs)."""
+    env = {**ENV, "GATEWAY_REDIS_URL": "redis://gateway:s3cret-pw@redis:63x79/0"}
+    (issue,) = issues_of(BASE, env=env)
+    assert issue.key == "GATEWAY_REDIS_URL" and "s3cret-pw" not in issue.message
+    bad = mutate('url: "http://127.0.0.1:8081"', 'url: "http://user:s3cret-pw@[bad"')
+    (issue,) = issues_of(bad)
+    assert issue.key == "backend.url" and "s3cret-pw" not in issue.message
+
+
 def test_signing_key_env_overrides_or_creates_default() -> None:
     other = mutate(
         "{default: {secret_env: GATEWAY_SIGNING_KEY}}",

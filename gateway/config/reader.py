@@ -241,7 +241,9 @@ class Reader:
             ok = False
         if not ok:
             wanted = " or ".join(f"{s}://" for s in schemes)
-            self.error(node, key, f"expected a {wanted} URL, got {text!r}")
+            # Not quoted: a URL may carry a password (whoever has Redis's can add API keys),
+            # and a malformed one cannot be trusted to show where it ends; the line says where.
+            self.error(node, key, f"expected a {wanted} URL (the value is not shown)")
             return None
         return text
 
