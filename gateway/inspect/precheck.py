@@ -3,7 +3,8 @@
 Runs after authentication and before ``100 Continue`` is sent (SPEC §4 early rejection), so a
 refused client sends no body at all: a ``Content-Encoding`` (415), a ``Content-Length`` over
 ``limits.max_request_size`` (413), uploads disabled for the channel and role (403), a raw body
-announced over its file limit (413). The helpers here also serve the streaming stage
+announced over its file limit (413), a form without one clear boundary and a raw body named
+two ways (400). The helpers here also serve the streaming stage
 (``upload.py``), which must read the same headers the same way.
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from multidict import CIMultiDictProxy
 from python_multipart.multipart import parse_options_header
 
 from gateway.config.model import Config, Mode, Role
 from gateway.errors import GatewayError
-from gateway.inspect.multipart import filename_of, malformed, parameters
-from gateway.policy import rules
+from gateway.inspect.multipart import boundary_from, filename_of, malformed, parameters
+from gateway.policy import rules, types
 from gateway.policy.role import ROLES, role_from_claims, waits_for_form
 from gateway.policy.routes import UploadTarget
 
@@ -44,8 +46,14 @@ def announced_length(headers: Mapping[str, str]) -> int | None:
 
 
 def is_multipart(headers: Mapping[str, str]) -> bool:
-    kind, _ = parse_options_header(headers.get("Content-Type", ""))
-    return bool(kind == b"multipart/form-data")
+    """Whether the body is a form; one without one clear boundary is refused (400) here, by
+    its header, before ``100 Continue`` invites a body that could only be refused."""
+    content_type = headers.get("Content-Type", "")
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        return False
+    boundary_from(content_type, options)
+    return True
 
 
 def mode_of(config: Config, target: UploadTarget) -> Mode:
@@ -89,20 +97,47 @@ def precheck_upload(
     policy = rules.effective_policy(config, target.channel, role or config.uploads.role.default)
     if not policy.enabled and mode == "enforce":
         raise rules.disabled_error(policy)
-    if not multipart and length is not None:
+    if multipart:
+        return
+    filename = raw_filename(headers, target)  # a name given two ways is refused here, too
+    if length is not None:
         limit = policy.max_file_size if mode == "enforce" else policy.system_cap
         if length > limit:
             raise rules.file_too_large(
-                policy if mode == "enforce" else rules.capped(policy),
-                raw_filename(headers, target),
+                policy if mode == "enforce" else rules.capped(policy), filename
             )
 
 
 def raw_filename(headers: Mapping[str, str], target: UploadTarget) -> str | None:
     """A raw body's name: Content-Disposition ``filename`` or ``filename*`` (read as a form
     part's is, :func:`~gateway.inspect.multipart.filename_of`), else a trailing URL
-    placeholder."""
+    placeholder.
+
+    Both names count where both are given: the backend stores the resource the URL names and
+    may serve it back under the header's, so two extensions that differ (``PUT .../run.vbs``
+    declared ``notes.txt``) are a body read two ways, refused (400) instead of judged by one
+    name only; where only the URL's has an extension, the URL's is the name judged. A URL
+    extension the gateway does not know (an id's ``.123``) claims nothing and runs nothing.
+    """
     disposition = headers.get("Content-Disposition", "")
     if not disposition:
         return target.url_filename
-    return filename_of(disposition, parameters(disposition)[1]) or target.url_filename
+    if isinstance(headers, CIMultiDictProxy) and len(headers.getall("Content-Disposition")) > 1:
+        # aiohttp's and Go's backends take the first, Node and gunicorn join them with a comma:
+        # refused as a form part's header given twice is (multipart.py)
+        raise malformed("a Content-Disposition header given twice")
+    named = filename_of(disposition, parameters(disposition)[1])
+    url_name = target.url_filename
+    if not named or not url_name:
+        return named or url_name
+    named_ext, url_ext = types.extension_of(named), types.extension_of(url_name)
+    if named_ext == url_ext or not _claims(url_ext):
+        return named
+    if not named_ext:
+        return url_name
+    raise malformed("the URL and the Content-Disposition name files of different kinds")
+
+
+def _claims(extension: str) -> bool:
+    """Whether an extension says what a file is or that it runs (``.123`` of an id does not)."""
+    return extension in types.EXTENSIONS or extension in types.EXECUTABLE_EXTENSIONS
