@@ -73,11 +73,12 @@ class Part:
     ended: bool = False
     sniffed: str | None = None  # set by the upload stage
     judged: bool = False  # set by the upload stage once its type was checked
+    in_form: bool = True  # False for a raw body: the one file of its request, however empty
 
     @property
     def ignored(self) -> bool:
         """A browser's empty file input (no name, no bytes) is not a file."""
-        return self.ended and self.is_file and not self.filename and self.size == 0
+        return self.in_form and self.ended and self.is_file and not self.filename and self.size == 0
 
 
 def _decode(raw: bytes) -> str:

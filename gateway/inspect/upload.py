@@ -128,7 +128,12 @@ class _Inspection:
             )
         else:
             self.raw = Part(
-                0, None, raw_filename(headers, target), headers.get("Content-Type"), is_file=True
+                0,
+                None,
+                raw_filename(headers, target),
+                headers.get("Content-Type"),
+                is_file=True,
+                in_form=False,
             )
 
     @property
@@ -230,10 +235,8 @@ class _Inspection:
             await self._check_part(part)
 
     async def _check_part(self, part: Part) -> None:
-        """Size and type, in the order a file breaks them as it arrives (``size_first``).
-
-        A raw body is the one file however empty: only a form's empty file input is none."""
-        if part.ignored and part is not self.raw:
+        """Size and type, in the order a file breaks them as it arrives (``size_first``)."""
+        if part.ignored:
             return
         size_first = self._size_first()
         if size_first:
