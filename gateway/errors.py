@@ -91,7 +91,7 @@ def problem_body(error: GatewayError, request_id: str) -> dict[str, Any]:
         "type": PROBLEM_TYPE_BASE + error.code,
         "title": kind.title,
         "status": kind.status,
-        "detail": f"Refused by {kind.who}: {error.detail}",
+        "detail": f"Refused by {_who_refused(error)}: {error.detail}",
         "code": error.code,
         "request_id": request_id,
     }
@@ -100,6 +100,17 @@ def problem_body(error: GatewayError, request_id: str) -> dict[str, Any]:
         body.setdefault("unValidActivity", kind.un_valid_activity)
         body.setdefault("description", error.detail)
     return body
+
+
+def _who_refused(error: GatewayError) -> str:
+    """SPEC §5: who refused, so nobody takes a system limit for a policy or the reverse. A size
+    or count refusal is the channel's media settings' only when a channel's setting set the
+    limit; the ``limits.*`` section (the 20 MB cap, ``max_request_size``, ``max_files``,
+    ``max_passthrough_size``) is the gateway's own, the same for every channel."""
+    source = error.fields.get("limit_source")
+    if isinstance(source, str) and source.startswith("limits."):
+        return _GATEWAY
+    return error.kind.who
 
 
 def problem_response(error: GatewayError, request_id: str) -> web.Response:

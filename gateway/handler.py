@@ -27,6 +27,7 @@ from gateway.inspect.precheck import precheck_upload
 from gateway.inspect.upload import inspect_upload
 from gateway.policy.query import POLICY_PREFIX, policy_response
 from gateway.policy.routes import UploadTarget, match_upload
+from gateway.policy.rules import megabytes
 from gateway.state import STATE, GatewayState
 
 LOGGER = logging.getLogger("upload_gateway")
@@ -99,8 +100,9 @@ async def _serve(
         return response
     target = match_upload(config, request.method, request.raw_path)
     if target is None:
+        body = _passthrough_body(request, config)
         await _send_continue(request)
-        return await _forward(request, state, config, record, identity, _body(request, config))
+        return await _forward(request, state, config, record, identity, body)
     return await _upload(request, state, config, record, identity, target)
 
 
@@ -191,8 +193,38 @@ class _CountedBody:
             yield chunk
 
 
-def _body(request: web.Request, config: Config) -> BodyStream | None:
-    return _body_stream(request, config) if request.body_exists else None
+def _passthrough_body(request: web.Request, config: Config) -> BodyStream | None:
+    """Any other request's body, held to ``limits.max_passthrough_size`` as nginx holds every
+    location to ``client_max_body_size``: a file sent where no upload route looks (a path the
+    routes miss, a method they do not list) is not inspected, but it is not unbounded either.
+    A ``Content-Length`` over the limit is refused before ``100 Continue`` and before any byte
+    is read; a body that grows past it is cut off there, the backend having had at most the
+    limit (its request is aborted, never completed)."""
+    limit = config.limits.max_passthrough_size
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if limit and length is not None and length > limit:
+        raise _passthrough_too_large(limit)
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return BodyStream(
+        request.content,
+        config.server.body_timeout,
+        chunked,
+        limit=limit,
+        too_large=lambda: _passthrough_too_large(limit),
+    )
+
+
+def _passthrough_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        "request_too_large",
+        f"the request body is larger than {limit} bytes, the most the gateway passes on in a "
+        "request that is not an upload (set by limits.max_passthrough_size)",
+        limit_bytes=limit,
+        limit_source="limits.max_passthrough_size",
+        maxFileSizeAllow=megabytes(limit),
+    )
 
 
 def _body_stream(request: web.Request, config: Config) -> BodyStream:

@@ -11,6 +11,7 @@ from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
 from gateway.body import BodyStream
+from gateway.errors import GatewayError
 
 
 def reader() -> StreamReader:
@@ -82,3 +83,27 @@ async def test_an_http_chunk_ending_after_its_data_was_read_is_not_the_end_of_th
     assert await body.read_chunk() == b""
     assert body.received == 10
     peer.close()
+
+
+@pytest.mark.parametrize(("limit", "passes"), [(0, True), (1000, True), (999, False)])
+async def test_a_limit_stops_the_body_at_the_chunk_that_crosses_it(
+    limit: int, passes: bool
+) -> None:
+    """Exactly the limit passes, one byte more does not, and 0 is no limit; the chunk that
+    crosses is never handed on, so whatever reads the body has had at most the limit."""
+    content = reader()
+    for piece in (b"a" * 600, b"b" * 400):
+        content.feed_data(piece)
+    content.feed_eof()
+    refusal = GatewayError("request_too_large", "too big")
+    body = BodyStream(content, idle_timeout=5, limit=limit, too_large=lambda: refusal)
+    got: list[bytes] = []
+    if passes:
+        got = [chunk async for chunk in body]
+        assert b"".join(got) == b"a" * 600 + b"b" * 400 and body.error is None
+        return
+    with pytest.raises(GatewayError) as raised:
+        async for chunk in body:
+            got.append(chunk)
+    assert raised.value is refusal and body.error is refusal
+    assert got == [b"a" * 600]

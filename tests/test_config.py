@@ -101,6 +101,7 @@ def test_base_config_loads_into_the_model() -> None:
     assert config.backend.read_timeout == 60.0
     assert config.auth.keys["default"].secret == SecretValue(SECRET.encode())
     assert config.limits.max_file_size == 20 * MiB
+    assert config.limits.max_passthrough_size == 50 * MiB  # the default, like max_request_size
     assert [r.path for r in config.uploads.routes][2] == "/whatsapp/uploadmedia/{channel}"
     assert all(r.methods == ("POST", "PUT") for r in config.uploads.routes)
     assert config.uploads.role.from_form is not None
@@ -111,6 +112,11 @@ def test_base_config_loads_into_the_model() -> None:
     assert whatsapp.agents == RolePolicy(True, 16 * MiB, ("image/*", "audio/ogg"))
     assert whatsapp.customers.enabled is False
     assert config.channel("12345") == ("default", config.channels["default"])
+
+
+def test_max_passthrough_size_zero_means_no_limit() -> None:
+    text = BASE.replace("max_files: 10", "max_files: 10\n  max_passthrough_size: 0")
+    assert load_config_text(text, env=ENV).limits.max_passthrough_size == 0
 
 
 def test_shipped_policies_yaml_is_valid_and_matches_spec() -> None:
@@ -209,6 +215,13 @@ ERROR_CASES = [
     ),
     ("max_files: 10", "max_files: ten", "limits.max_files", "max_files", "integer"),
     ("max_files: 10", "max_files: [1]", "limits.max_files", "max_files", "not a list"),
+    (
+        "max_files: 10",
+        "max_files: 10\n  max_passthrough_size: lots",
+        "limits.max_passthrough_size",
+        "max_passthrough_size",
+        "size",
+    ),
     ("listen: 0.0.0.0:8080", "listen: 0.0.0.0", "listen", "listen:", "host:port"),
     (
         "admin_listen: 127.0.0.1:9102",

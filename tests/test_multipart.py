@@ -187,6 +187,7 @@ async def test_file_limit_exact_passes_plus_one_fails(
     assert (problem["channel"], problem["role"]) == ("small", role)
     assert (problem["fileName"], problem["fileExtension"]) == ("photo.png", "png")
     assert problem["unValidActivity"] == 16 and "maxFileSizeAllow" in problem
+    assert problem["detail"].startswith("Refused by the channel's media settings:")
 
 
 async def test_system_cap_exactly_20mb_passes_one_more_byte_fails(config: Config) -> None:
@@ -196,6 +197,8 @@ async def test_system_cap_exactly_20mb_passes_one_more_byte_fails(config: Config
     error = await refused(config, [one("png", size=20 * MiB + 1)], role="agent", chunk=256 * 1024)
     assert error.fields["limit_source"] == "limits.max_file_size"
     assert error.fields["maxFileSizeAllow"] == 20
+    # SPEC §5: the system cap is the gateway's, not a channel's setting; the detail says so
+    assert problem_body(error, "rid")["detail"].startswith("Refused by the upload gateway:")
 
 
 async def test_request_limit_exact_passes_plus_one_fails(tmp_path: Path) -> None:
@@ -207,6 +210,7 @@ async def test_request_limit_exact_passes_plus_one_fails(tmp_path: Path) -> None
     error = await refused(make_config(tmp_path, request=str(size - 1)), parts, role="agent")
     assert error.code == "request_too_large"
     assert error.fields["limit_source"] == "limits.max_request_size"
+    assert problem_body(error, "rid")["detail"].startswith("Refused by the upload gateway:")
 
 
 async def test_reading_stops_within_one_chunk_of_the_limit(config: Config) -> None:
@@ -239,6 +243,7 @@ async def test_too_many_files(tmp_path: Path) -> None:
     await upload.aclose()
     error = await refused(config, [one("png")] * 4, role="agent")
     assert error.code == "too_many_files" and error.fields["limit"] == 3
+    assert problem_body(error, "rid")["detail"].startswith("Refused by the upload gateway:")
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

@@ -46,7 +46,8 @@ async def test_every_method_reaches_the_backend_with_its_body(
 async def test_large_bodies_are_byte_identical_both_ways(
     gateway: GatewayProc, backend: BackendProc, auth: dict[str, str]
 ) -> None:
-    """50 MB up (not an upload route, so no size policy) and 50 MB down, streamed."""
+    """50 MB up (not an upload route: exactly the default max_passthrough_size passes) and 50 MB
+    down, streamed."""
     size = 50 * 1024 * 1024
     data = pattern(size)
 

@@ -240,7 +240,9 @@ def _origins(reader: Reader, node: Node, key: str) -> tuple[str, ...] | None:
 
 
 def _limits(reader: Reader, node: Node, key: str) -> LimitsConfig | None:
-    found = reader.mapping(node, key, ("max_file_size", "max_request_size", "max_files"))
+    found = reader.mapping(
+        node, key, ("max_file_size", "max_request_size", "max_files", "max_passthrough_size")
+    )
     if found is None:
         return None
     fields = reader.read_fields(
@@ -250,6 +252,7 @@ def _limits(reader: Reader, node: Node, key: str) -> LimitsConfig | None:
             "max_file_size": reader.size,
             "max_request_size": reader.size,
             "max_files": reader.integer,
+            "max_passthrough_size": lambda n, k: reader.size(n, k, minimum=0),
         },
     )
     size = fields.get("max_file_size")

@@ -112,6 +112,8 @@ class LimitsConfig:
     max_file_size: int = 20 * MiB
     max_request_size: int = 50 * MiB
     max_files: int = 10
+    # every other request's body (nginx's client_max_body_size); 0: no limit
+    max_passthrough_size: int = 50 * MiB
 
 
 @dataclass(frozen=True)
