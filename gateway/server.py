@@ -37,6 +37,8 @@ from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
 
 LOGGER = logging.getLogger("upload_gateway")
+# prometheus_client's multiprocess directory, by its name and its older lower-case one
+_MULTIPROC_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 LINGERING_SECONDS = 2.0
 DRAIN_CANCEL_TIMEOUT = 1.0  # after the grace: how long cancelled handlers get to unwind
 READ_BUFFER = 32 * 1024  # aiohttp read_bufsize: see serve_worker
@@ -210,9 +212,29 @@ def serve(config_path: str, workers: int) -> int:
         return 1
     if workers <= 1:
         setup_logging(config.log_level)
+        _single_process_metrics()
         _run(serve_worker(config_path, config))
         return 0
     return _supervise(config_path, config, workers)
+
+
+def _single_process_metrics() -> None:
+    """One worker counts in memory, whatever directory its environment names.
+
+    An inherited ``PROMETHEUS_MULTIPROC_DIR`` (an image made for gunicorn sets one) would put
+    one worker in multiprocess mode in a directory nobody wipes: every restart's files would
+    add up in ``/metrics``, and a dead process's in-flight gauge would count for ever. The
+    supervisor of ``--workers N`` makes, and removes, a directory of its own instead.
+    prometheus_client picks its value class when first imported, before this runs (the
+    command line's modules import it), so that choice is undone here, before any metric
+    exists.
+    """
+    from prometheus_client import values
+
+    inherited = [name for name in _MULTIPROC_VARIABLES if os.environ.pop(name, None) is not None]
+    if inherited:
+        values.ValueClass = values.MutexValue
+        LOGGER.info("one worker: ignoring %s, metrics are kept in memory", inherited[0])
 
 
 class _Slot:

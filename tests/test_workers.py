@@ -134,3 +134,23 @@ def test_sigterm_to_the_parent_stops_both_workers_and_exits_0(
         time.sleep(0.05)
     assert [pid for pid in pids if alive(pid)] == [], "workers outlived their parent"
     assert code == 0
+
+
+def test_one_worker_ignores_an_inherited_multiprocess_directory(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """An image made for gunicorn may set PROMETHEUS_MULTIPROC_DIR: one worker must still
+    count in memory, or its files would pile up in a directory nobody wipes and every restart
+    would add the last run's counts (and in-flight gauges) to /metrics."""
+    inherited = tmp_path / "inherited-metrics"
+    inherited.mkdir()
+    config = observed_config(redis_server, backend_proc, tmp_path, "ugw-one-worker")
+    gw = start_gateway(config, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(inherited))
+    try:
+        agent = bearer(mint(gw, new_key(gw, "one-worker-client"), "role=agent"))
+        for _ in range(3):
+            assert send(gw.port, "GET", "/t/status/200", headers=agent).status == 200
+        assert Samples(scrape(gw)).by("requests_total", "route") == {"proxy": 3}
+        assert list(inherited.iterdir()) == []
+    finally:
+        gw.stop()
