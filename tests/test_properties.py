@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import unquote
 
 import jwt
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +30,7 @@ from gateway.config.model import AuthConfig, Config, SecretValue, SigningKey
 from gateway.errors import GatewayError
 from gateway.inspect.multipart import general_parameters, parameters
 from gateway.inspect.upload import inspect_upload
-from gateway.policy.routes import match_upload
+from gateway.policy.routes import UploadTarget, channel_key, match_upload, path_segments
 from gateway.spool import SpoolBudget
 from tests.support import files
 
@@ -212,3 +214,56 @@ def test_the_quick_disposition_path_reads_as_the_general_parser(value: str) -> N
             return exc.code
 
     assert reading(parameters) == reading(general_parameters)
+
+
+# -- route matching: the compiled templates read paths as the plain reading does -----------------
+
+_ROUTES_CONFIG = load_config_text(files.policy_yaml("/tmp/ugw-prop-spool"), require_secrets=False)
+_PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def _plain_match(method: str, raw_path: str) -> UploadTarget | None:
+    """SPEC §4 read the plain way, template by template, segment by segment: how
+    ``match_upload`` worked before its templates were compiled once."""
+    segments = path_segments(raw_path)
+    for route in _ROUTES_CONFIG.uploads.routes:
+        template = [s for s in route.path.split("/") if s]
+        if method.upper() not in route.methods or len(template) != len(segments):
+            continue
+        values: dict[str, str] = {}
+        for expected, raw in zip(template, segments, strict=True):
+            placeholder = _PLACEHOLDER.match(expected)
+            if placeholder is not None:
+                values[placeholder.group(1)] = raw
+            elif unquote(raw).casefold() != expected.casefold():
+                break
+        else:
+            last = _PLACEHOLDER.match(template[-1])
+            named = last is not None and last.group(1) != "channel"
+            return UploadTarget(
+                route=route.path,
+                channel_id=unquote(values["channel"]),
+                channel=channel_key(_ROUTES_CONFIG, values["channel"]),
+                url_filename=unquote(values[last.group(1)]) if named and last else None,
+            )
+    return None
+
+
+_SEGMENTS = st.sampled_from(
+    ["streams", "STREAMS", "str%65ams", "objects", "Objects", "child", "whatsapp", "uploadmedia",
+     "files", "small", "123", "aB%2Fc%3D%3D", "report.pdf", "run%2Evbs", "", ".", "..", "%2e%2E",
+     "x", "%", "%zz", "\u00e4"]
+)  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.sampled_from(["POST", "PUT", "post", "GET", "PATCH"]),
+    st.lists(_SEGMENTS, max_size=7),
+    st.sampled_from(["", "/", "?a=1", "/?x", "#f"]),
+)
+def test_compiled_route_templates_read_paths_as_the_plain_reading(
+    method: str, segments: list[str], tail: str
+) -> None:
+    path = "/" + "/".join(segments) + tail
+    assert match_upload(_ROUTES_CONFIG, method, path) == _plain_match(method, path)

