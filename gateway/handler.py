@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from gateway.accesslog import RequestRecord, log_request
 from gateway.auth.authenticator import Identity
 from gateway.body import BodyStream
+from gateway.client_ip import client_address
 from gateway.config.model import Config
 from gateway.cors import add_cors_headers, is_preflight, preflight_response
 from gateway.errors import GatewayError, problem_response
@@ -43,7 +44,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request_id=request_id(request.headers),
         method=request.method,
         path=request.path,
-        remote=request.remote or "",
+        remote=client_address(request.remote or "", request.headers, config.server.trusted_proxies),
     )
     response: web.StreamResponse | None = None
     try:
@@ -92,7 +93,7 @@ async def _serve(
         if request.path.startswith(POLICY_PREFIX):
             return preflight_response(request, config.cors, state.auth.config.header)
         return await _forward(request, state, config, record, identity=None, body=None)
-    identity = await state.auth.authenticate(request.headers, request.remote or "")
+    identity = await state.auth.authenticate(request.headers, record.remote)
     record.client_id = identity.client_id
     if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
         response = policy_response(request, config, identity.claims, record.request_id)

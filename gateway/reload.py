@@ -37,9 +37,14 @@ def fixed_at_start(old: Config, new: Config) -> list[str]:
         new.spool.memory_budget,
     ):
         changed.append("spool.max_bytes/memory_budget")
-    if replace(old.server, body_timeout=0) != replace(new.server, body_timeout=0):
-        changed.append("server (all but body_timeout)")
+    if _fixed_server(old) != _fixed_server(new):
+        changed.append("server (all but body_timeout and trusted_proxies)")
     return changed
+
+
+def _fixed_server(config: Config) -> object:
+    """The ``server`` settings fixed at start: each request reads the other two anew."""
+    return replace(config.server, body_timeout=0, trusted_proxies=())
 
 
 class ConfigWatcher:

@@ -14,6 +14,7 @@ process, as a shell would; deployments should use absolute paths.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -279,6 +280,7 @@ def _server(reader: Reader, node: Node, key: str) -> ServerConfig | None:
             "max_line_size": reader.size,
             "tls_cert_file": reader.string,
             "tls_key_file": reader.string,
+            "trusted_proxies": lambda n, k: _networks(reader, n, k),
         },
     )
     if fields is None:
@@ -286,6 +288,17 @@ def _server(reader: Reader, node: Node, key: str) -> ServerConfig | None:
     if ("tls_cert_file" in fields) != ("tls_key_file" in fields):
         reader.error(reader.owner(node), key, "tls_cert_file and tls_key_file go together")
     return replace(ServerConfig(), **fields)
+
+
+def _networks(reader: Reader, node: Node, key: str) -> tuple[str, ...] | None:
+    """Addresses or CIDR blocks (``10.0.0.0/8``, ``fd00::/8``, ``192.0.2.7``)."""
+    found: list[str] = []
+    for i, (text, item) in enumerate(reader.strings(node, key) or []):
+        try:
+            found.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            reader.error(item, f"{key}[{i}]", f"expected an address or CIDR block, got {text!r}")
+    return tuple(found)
 
 
 def _log_level(reader: Reader, node: Node, key: str) -> str | None:

@@ -172,6 +172,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # load balancers / ingresses whose X-Forwarded-For names the client (gateway/client_ip.py)
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
