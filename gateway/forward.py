@@ -192,6 +192,10 @@ class Forwarder:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None,
+                # ``connect`` also bounds the wait for a free pooled connection: without it a
+                # request queues for ever once ``pool_size`` exchanges are in flight (slow
+                # backend, clients not reading), holding its spool; then it is a 504.
+                connect=self._config.connect_timeout,
                 sock_connect=self._config.connect_timeout,
                 sock_read=self._config.read_timeout,
             ),

@@ -65,12 +65,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     except ConnectionError as gone:
         # The client went away mid-request (ordinary on mobile networks), or the backend failed
-        # mid-response and the client's connection was cut: the access line and the metrics
-        # say which. Raising would make aiohttp log an ERROR with a traceback and count a 500;
-        # this answer goes to a closed transport, which aiohttp ignores.
-        aborted = isinstance(gone, ResponseAborted)
-        record.reason = "backend_aborted" if aborted else "client_closed"
-        response = web.Response(status=502 if aborted else 499)
+        # mid-response and the client's connection was cut, or the client took nothing of the
+        # response for server.send_timeout and the gateway cut it: the access line and the
+        # metrics say which. Raising would make aiohttp log an ERROR with a traceback and count
+        # a 500; this answer goes to a closed transport, which aiohttp ignores.
+        status, record.reason = _connection_end(request, gone)
+        response = web.Response(status=status)
         response.force_close()
         gone.__traceback__ = None  # the same cycle as a refusal's, as common on mobile networks
     except Exception:
@@ -288,6 +288,17 @@ def _refuse(
     return response
 
 
+def _connection_end(request: web.Request, gone: ConnectionError) -> tuple[int, str]:
+    """Who ended an exchange whose connection went: the backend (502), the gateway because the
+    client read nothing for ``server.send_timeout`` (408, as for a stalled body), the client
+    (499, nginx's "client closed request")."""
+    if isinstance(gone, ResponseAborted):
+        return 502, "backend_aborted"
+    if getattr(request.protocol, "send_timed_out", False):
+        return 408, "send_timeout"
+    return 499, "client_closed"
+
+
 def _account(
     state: GatewayState, record: RequestRecord, response: web.StreamResponse | None
 ) -> None:
@@ -308,11 +319,12 @@ def _account(
 
 def _outcome(record: RequestRecord) -> str:
     """accepted | reported (report mode let it pass) | rejected | failed | backend_refused |
-    aborted (the client went away: neither the policy's refusal nor the gateway's failure)."""
+    aborted (the client went away, or stopped reading the answer: neither the policy's refusal
+    nor the gateway's failure)."""
     if record.reason is None:
         if record.status >= 400:
             return "backend_refused"
         return "reported" if record.would_reject else "accepted"
-    if record.reason == "client_closed":
+    if record.reason in ("client_closed", "send_timeout"):
         return "aborted"
     return "rejected" if record.status < 500 else "failed"

@@ -7,6 +7,18 @@ times each head from its first byte (and a fresh connection from its accept, lik
 ``client_header_timeout``) and answers 408 when it is not complete within
 ``server.header_timeout``. Bodies have their own per-chunk timeout (:mod:`gateway.body`).
 
+Nor has aiohttp a timeout for sending: a client that stops reading a response (its receive window
+shut) would hold the connection, its handler, the backend exchange and a pooled backend connection
+for ever, and ``backend.pool_size`` such clients would stall every request. Like nginx's
+``send_timeout``, :class:`GatewayProtocol` gives a client ``server.send_timeout`` to take more
+of a response once the transport stopped taking bytes, then aborts the connection.
+
+aiohttp bounds a head only per line (``max_line_size``, ``max_field_size``) and by count (128
+headers): ~1 MiB, which an unfinished head holds twice over for the whole head timeout (200 such
+connections: +376 MiB RSS in one worker). Like nginx's ``large_client_header_buffers`` and
+Envoy's ``max_request_headers_kb``, the request line and headers together are held to
+``server.max_head_size`` (431): counted as they arrive, and measured once parsed.
+
 aiohttp also answers requests its parser refuses with a plain-text page that quotes the offending
 bytes, and logs them with a traceback; the bytes may be an ``Authorization`` header. Here every
 such refusal is problem+json from the one error table (SPEC §5), 431 for heads that are too large,
@@ -20,6 +32,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import StreamReader, web
@@ -40,7 +53,9 @@ _REASON = re.compile(r"[A-Za-z0-9 `\-]+")
 @dataclass(frozen=True)
 class ProtocolOptions:
     header_timeout: float
-    metrics: Metrics
+    metrics: Metrics | None  # None: refusals are not counted (the admin listener's own)
+    send_timeout: float = 60.0
+    max_head_size: int = 64 * 1024
 
 
 class GatewayServer(web.Server):
@@ -66,6 +81,8 @@ class GatewayServer(web.Server):
     async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             check_framing(request)
+            if head_size(request) > self._options.max_head_size:
+                raise head_too_large(self._options.max_head_size)
         except GatewayError as error:
             return refuse(error, request.remote or "", self._options.metrics)
         return await self._app_handler(request)
@@ -92,8 +109,11 @@ class GatewayProtocol(RequestHandler):
         self._head_bytes = -1  # bytes of the current unfinished head; -1: none started
         self._line_end: int | None = None  # offset of the head's first LF, once seen
         self._line_fits = True  # when the parser refused a head: was its request line short?
+        self._parse_failed = False
         self._last_payload: StreamReader | None = None
         self._failed_body: StreamReader | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self.send_timed_out = False  # the handler logs such a cut as send_timeout, not the client's
 
     @property
     def busy(self) -> bool:
@@ -106,19 +126,45 @@ class GatewayProtocol(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
+    def pause_writing(self) -> None:
+        """The client stopped taking the response: the clock runs until it takes more (only
+        under backpressure: one timer per pause, nothing per write)."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(
+                self._options.send_timeout, self._send_timed_out
+            )
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
     def data_received(self, data: bytes) -> None:
+        if self._parse_failed:
+            # The connection ends with that refusal. Parsing on would queue one more error per
+            # read, and the refusal would be described by the last (a field over 8 KiB arriving
+            # in several reads was answered 400 "request line too long" instead of 431).
+            return
         reading_body = bool(data) and not self._between_requests()
         if data and not reading_body:
             self._note_head_bytes(data)
         count = self._request_count
         super().data_received(data)
         if self._request_count == count:
+            if self._head_bytes > self._options.max_head_size and self._idle():
+                # Unfinished and already too large: refused now, not once ~1 MiB is parsed.
+                # (Behind a request still being answered it waits for _checked: no answer
+                # may be written into another one.)
+                self._send_refusal(head_too_large(self._options.max_head_size))
+                self.force_close()
             return
         # The parser finished a head, or refused the bytes.
         message, payload = self._messages[-1]
         if (exc := getattr(message, "exc", None)) is not None:
+            self._parse_failed = True
             self._line_fits = self._line_end is not None and self._line_end <= self.max_line_size
             if reading_body:
                 self._fail_body(exc)
@@ -166,6 +212,19 @@ class GatewayProtocol(RequestHandler):
             GatewayError("malformed_request", f"the body's chunked framing is invalid: {reason}")
         )
 
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        """Aborted, not closed: a close would wait for the unsent bytes to drain, that is for
+        ever. The pending write fails, the handler lets go of the backend's connection."""
+        self._send_timer = None
+        self.send_timed_out = True
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- the head timer -------------------------------------------------------------------------
 
     def _between_requests(self) -> bool:
@@ -203,18 +262,24 @@ class GatewayProtocol(RequestHandler):
             self._arm_head_timer()
             return
         if self._head_bytes >= 0:
-            self._send_head_timeout()
+            timeout = self._options.header_timeout
+            error = GatewayError(
+                "header_timeout", f"the request head was not complete within {timeout:g} s"
+            )
+            self._send_refusal(error)
         self.force_close()
 
-    def _send_head_timeout(self) -> None:
-        timeout = self._options.header_timeout
-        error = GatewayError(
-            "header_timeout", f"the request head was not complete within {timeout:g} s"
-        )
+    def _idle(self) -> bool:
+        """No request is being answered: an answer written now cannot land inside another."""
+        return not self._request_in_progress and not self._messages
+
+    def _send_refusal(self, error: GatewayError) -> None:
+        """A problem+json answer for a head the parser never finished (so no handler runs)."""
+        status = HTTPStatus(error.status)
         rid = new_request_id()
         body = json.dumps(problem_body(error, rid)).encode()
         head = (
-            f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
+            f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/problem+json\r\n"
             f"Content-Length: {len(body)}\r\nX-Request-Id: {rid}\r\nConnection: close\r\n\r\n"
         )
         assert self.transport is not None
@@ -248,7 +313,7 @@ class GatewayProtocol(RequestHandler):
         return GatewayError("malformed_request", f"not valid HTTP/1.1: {_safe_reason(exc)}")
 
 
-def refuse(error: GatewayError, remote: str, metrics: Metrics) -> web.Response:
+def refuse(error: GatewayError, remote: str, metrics: Metrics | None) -> web.Response:
     """problem+json for a request refused before the handler; the connection is not reused."""
     rid = new_request_id()
     account(error, rid, remote, metrics)
@@ -257,14 +322,31 @@ def refuse(error: GatewayError, remote: str, metrics: Metrics) -> web.Response:
     return response
 
 
-def account(error: GatewayError, rid: str, remote: str, metrics: Metrics) -> None:
-    """Count and log what never reached the handler, like any other refusal."""
+def account(error: GatewayError, rid: str, remote: str, metrics: Metrics | None) -> None:
+    """Count and log what never reached the handler, like any other refusal (the admin
+    listener's are neither: they are no proxy traffic)."""
+    if metrics is None:
+        return
     record = RequestRecord(request_id=rid, method="-", path="-", remote=remote)
     record.reason = error.code
     record.finish(error.status)
     metrics.rejections.labels(reason=error.code, channel="").inc()
     metrics.requests.labels(route="proxy", method="OTHER", status=str(error.status)).inc()
     log_request(record)
+
+
+def head_size(request: web.BaseRequest) -> int:
+    """The bytes of a parsed head: request line and header lines (each ``name: value``+CRLF)."""
+    line = len(request.method) + len(request.raw_path) + len("  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + 2
+
+
+def head_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        "headers_too_large",
+        f"the request line and headers are larger than {limit} bytes together",
+        limit_bytes=limit,
+    )
 
 
 def _safe_reason(exc: BadHttpMessage) -> str:

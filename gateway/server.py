@@ -82,7 +82,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
-    options = ProtocolOptions(header_timeout=config.server.header_timeout, metrics=state.metrics)
+    options = ProtocolOptions(
+        header_timeout=config.server.header_timeout,
+        metrics=state.metrics,
+        send_timeout=config.server.send_timeout,
+        max_head_size=config.server.max_head_size,
+    )
     return GatewayRunner(
         build_app(state),
         options,
@@ -104,6 +109,25 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     )
 
 
+def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
+    """The admin listener's runner: the same head timer and send timeout as the proxy's (in
+    Kubernetes it listens on the pod's address for probes and scrapes, and aiohttp alone would
+    let a connection that never finishes its head stay open for ever), nothing counted."""
+    options = ProtocolOptions(
+        header_timeout=config.server.header_timeout,
+        metrics=None,
+        send_timeout=config.server.send_timeout,
+        max_head_size=config.server.max_head_size,
+    )
+    return GatewayRunner(
+        build_admin_app(state),
+        options,
+        handle_signals=False,
+        access_log=None,
+        lingering_time=LINGERING_SECONDS,
+    )
+
+
 async def serve_worker(config_path: str, config: Config, ready: Any = None) -> None:
     """One worker: the proxy and admin listeners, until SIGTERM/SIGINT.
 
@@ -113,15 +137,15 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     """
     state = build_state(config)
     runner = proxy_runner(state, config)
-    admin_runner = web.AppRunner(build_admin_app(state), handle_signals=False, access_log=None)
+    admin_app_runner = admin_runner(state, config)
     await runner.setup()
-    await admin_runner.setup()
+    await admin_app_runner.setup()
     listen, admin = config.listen, config.admin_listen
     tls = tls_context(config)
     await web.TCPSite(
         runner, listen.host, listen.port, reuse_port=True, backlog=1024, ssl_context=tls
     ).start()
-    await web.TCPSite(admin_runner, admin.host, admin.port, reuse_port=True).start()
+    await web.TCPSite(admin_app_runner, admin.host, admin.port, reuse_port=True).start()
     LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())
     watcher = ConfigWatcher(config_path, state.config, state.metrics)
     stop = asyncio.Event()
@@ -136,13 +160,13 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     try:
         await stop.wait()
     finally:
-        await _drain(state, runner, admin_runner, watcher, config.server.shutdown_grace)
+        await _drain(state, runner, admin_app_runner, watcher, config.server.shutdown_grace)
 
 
 async def _drain(
     state: GatewayState,
     runner: web.AppRunner,
-    admin_runner: web.AppRunner,
+    admin: web.AppRunner,
     watcher: ConfigWatcher,
     grace: float,
 ) -> None:
@@ -174,7 +198,7 @@ async def _drain(
             break
         await asyncio.sleep(0.05)
     await runner.cleanup()
-    await admin_runner.cleanup()
+    await admin.cleanup()
 
 
 def run_worker(config_path: str, env: dict[str, str] | None = None, ready: Any = None) -> None:

@@ -148,7 +148,7 @@ def test_a_transfer_coding_other_than_chunked_is_a_502_not_a_corrupted_body(
     assert backend_errors(odd_gw) == before + 1
 
 
-@pytest.mark.parametrize("fault", ["huge-header", "cl-and-te", "two-lengths"])
+@pytest.mark.parametrize("fault", ["huge-header", "many-headers", "cl-and-te", "two-lengths"])
 def test_a_response_head_that_does_not_parse_is_an_invalid_response_not_quoted_in_the_log(
     odd_gw: GatewayProc, token: str, fault: str
 ) -> None:

@@ -456,6 +456,42 @@ def test_yaml_syntax_error_has_its_line() -> None:
     assert "invalid YAML" in issue.message
 
 
+def test_merge_keys_cannot_multiply_a_small_file_into_millions_of_keys() -> None:
+    """ "Billion laughs" through merge keys: each level merges the one below twice. PyYAML
+    before 6.0.4 (pyproject's floor was 6.0) copied every merged key each time it was named:
+    these 474 bytes became 65,553 keys (and 648 bytes at 22 levels 2.9 GB and 19 s, in every
+    worker on a hot reload); 6.0.4 merges each key once (yaml/pyyaml#937)."""
+    lines = ["x0: &a0 {k0: v}"]
+    lines += [f"x{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}" for i in range(1, 17)]
+    text = "\n".join([*lines, "<<: *a16", "channels: {default: {}}"])
+    issues = issues_of(text, env=ENV)
+    assert len(issues) < 100  # the 17 unknown x keys and k0, once each
+    assert all("unknown key" in i.message for i in issues)
+
+
+DEEP_YAML = {
+    "nested_lists": "channels: {default: {}}\nx: " + "[" * 2000 + "]" * 2000 + "\n",
+    "merge_chain": "\n".join(
+        ["a0: &a0 {k: v}"]
+        + [f"a{i}: &a{i} {{<<: *a{i - 1}}}" for i in range(1, 1500)]
+        + ["<<: *a1499", "channels: {default: {}}"]
+    ),
+    "python_tag": 'mode: !!python/name:os.system ""\nchannels: {default: {}}\n',
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEEP_YAML))
+def test_yaml_the_loader_cannot_read_is_an_error_not_a_traceback(tmp_path: Path, case: str) -> None:
+    """Python's recursion limit (nesting, ``<<`` chains) and a tag the safe loader refuses were
+    tracebacks from ``check-config`` and ``serve``, not the file's errors."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(DEEP_YAML[case])
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 1, result.stderr[-500:]
+    assert "Traceback" not in result.stderr, result.stderr[-500:]
+    assert f"{path}" in result.stderr and "invalid YAML" in result.stderr
+
+
 def test_empty_file_needs_channels() -> None:
     issues = issues_of("", env=ENV)
     assert [i.key for i in issues] == ["channels"]

@@ -235,6 +235,67 @@ async def test_the_platforms_is_manager_marker_makes_an_agent(
     assert_refused(gateway, backend, status, doc, headers, 415, "type_not_allowed")
 
 
+async def test_a_data_field_nested_too_deeply_to_read_is_a_400_not_a_500(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    """Python's JSON reader stops at ~1000 levels with a RecursionError (it was a 500 and an
+    ERROR traceback per request); a backend reading deeper could find an IsManager the
+    gateway cannot, so the body is refused as read two ways. Well within the 64 KiB cap."""
+    deep = b'{"IsManager": true, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    data = ("data", None, "application/json", deep)
+    status, doc, headers, _ = await post(gateway, secret, [file_part("docx"), data])
+    assert_refused(gateway, backend, status, doc, headers, 400, "malformed_request")
+    assert "nests too deeply" in doc["detail"]
+
+
+FORM_BOUNDS = {  # the parts, and the words of the refusal
+    # python-multipart: at most 4,224 bytes per part header (a 5,000-character file name)
+    "part_header_size": (
+        [file_part("png", name="a" * 5000 + ".png")],
+        "Maximum header size exceeded",
+    ),
+    # python-multipart: at most 8 headers per part
+    "part_header_count": (
+        [("data", None, None, b"{}"), file_part("png")],
+        "Maximum header count exceeded",
+    ),
+    # gateway/inspect/multipart.py MAX_FIELDS: 256 non-file fields
+    "field_count": (
+        [(f"f{i}", None, None, b"x") for i in range(257)] + [file_part("png")],
+        "more than 256 form fields",
+    ),
+    # MAX_ROLE_FIELD: the role field, kept whole to read IsManager, is at most 64 KiB
+    "role_field_size": (
+        [
+            ("data", None, "application/json", b'{"IsManager": 1, "p": "' + b"x" * 66000 + b'"}'),
+            file_part("png"),
+        ],
+        "is over 65536 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("bound", sorted(FORM_BOUNDS))
+async def test_every_bound_on_what_a_form_makes_the_gateway_hold_is_enforced(
+    gateway: GatewayProc, backend: BackendProc, secret: str, bound: str
+) -> None:
+    """What the inspection keeps per part (headers, the role field) and per request (fields)
+    is bounded whatever the request limit allows; past a bound the body is a 400."""
+    parts, words = FORM_BOUNDS[bound]
+    body, ctype = multipart(parts)
+    if bound == "part_header_count":
+        extra = "".join(f"X-Part-{i}: v\r\n" for i in range(9)).encode()
+        body = body.replace(b'name="data"\r\n', b'name="data"\r\n' + extra, 1)
+    hdrs = {"Authorization": f"Bearer {secret}", "Content-Type": ctype}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + UPLOAD, data=body, headers=hdrs) as r,
+    ):
+        doc = json.loads(await r.read())
+        assert_refused(gateway, backend, r.status, doc, r.headers, 400, "malformed_request")
+        assert words in doc["detail"], doc["detail"]
+
+
 async def test_uploads_disabled_for_the_channel_and_role(
     gateway: GatewayProc, backend: BackendProc, api_key: str
 ) -> None:

@@ -97,16 +97,25 @@ def load_config_text(
     *,
     require_secrets: bool = True,
 ) -> Config:
-    """Like :func:`load_config` for text already in memory; ``source`` only names it in errors."""
+    """Like :func:`load_config` for text already in memory; ``source`` only names it in errors.
+
+    The text is composed, never constructed: an alias is one shared node, never a copy, and
+    PyYAML merges each key once, so aliases cannot multiply it ("billion laughs"). Nesting is
+    what can run out: PyYAML composes, and merges ``<<`` chains, recursively, and Python's
+    RecursionError past ~300 levels would be a traceback from ``check-config`` and ``serve``.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        reader = Reader(os.environ if env is None else env)
+        config = _build_config(reader, root, require_secrets)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(line, "", f"invalid YAML: {problem}")], source) from exc
-    reader = Reader(os.environ if env is None else env)
-    config = _build_config(reader, root, require_secrets)
+    except RecursionError:
+        issue = ConfigIssue(None, "", "invalid YAML: nested too deeply (lists, mappings, merges)")
+        raise ConfigError([issue], source) from None
     if reader.issues or config is None:
         in_file_order = sorted(reader.issues, key=lambda i: (i.line is None, i.line or 0))
         raise ConfigError(in_file_order, source)
@@ -274,10 +283,12 @@ def _server(reader: Reader, node: Node, key: str) -> ServerConfig | None:
         {
             "header_timeout": reader.positive_duration,
             "body_timeout": reader.positive_duration,
+            "send_timeout": reader.positive_duration,
             "keepalive_timeout": reader.positive_duration,
             "shutdown_grace": reader.duration,
             "max_header_size": reader.size,
             "max_line_size": reader.size,
+            "max_head_size": reader.size,
             "tls_cert_file": reader.string,
             "tls_key_file": reader.string,
             "trusted_proxies": lambda n, k: _networks(reader, n, k),

@@ -166,9 +166,11 @@ class ServerConfig:
 
     header_timeout: float = 10.0
     body_timeout: float = 30.0  # longest pause between two body chunks
+    send_timeout: float = 60.0  # longest a client may take nothing of a response (nginx's)
     keepalive_timeout: float = 75.0
     max_header_size: int = 8 * 1024
     max_line_size: int = 8 * 1024
+    max_head_size: int = 64 * 1024  # the request line and every header together
     shutdown_grace: float = 30.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

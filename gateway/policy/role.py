@@ -6,9 +6,12 @@
 3. ``default``.
 
 A source that is present but says something else (``role: admin``, invalid JSON) does not answer;
-the next one is asked. The JSON key is matched case-insensitively when no exact match exists,
-because the platform's backend (like most JSON binders) reads ``isManager`` as ``IsManager``, and
-the gateway must apply the same role the backend will.
+the next one is asked. A ``data`` field nested deeper than Python's JSON reader goes (~1000
+levels) is refused instead (400): a backend whose reader goes deeper could find an
+``IsManager`` in it that the gateway cannot, and judge the files for another role. The JSON key
+is matched case-insensitively when no exact match exists, because the platform's backend (like
+most JSON binders) reads ``isManager`` as ``IsManager``, and the gateway must apply the same
+role the backend will.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.config.model import Config, FormRoleSource, Role
+from gateway.errors import GatewayError
 
 ROLES: tuple[Role, ...] = ("agent", "customer")
 
@@ -57,6 +61,10 @@ def role_from_form(source: FormRoleSource | None, raw: bytes | None) -> Role | N
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
+    except RecursionError:  # valid, maybe, but not readable here: one reading or none
+        raise GatewayError(
+            "malformed_request", f"the form field {source.field!r} nests too deeply to be read"
+        ) from None
     if not isinstance(document, dict):
         return None
     found, value = _lookup(document, source.json_key)

@@ -72,6 +72,9 @@ _ODD_ANSWERS = {
     "/fault/invalid/huge-header": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: sid="
     + SESSION_TOKEN
     + b"\r\n\r\nok",
+    "/fault/invalid/many-headers": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    + b"\r\nok",
     "/fault/invalid/cl-and-te": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "/fault/invalid/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
