@@ -152,7 +152,7 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
+    loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
     await watcher.start()
     tune_collector()  # what exists now lives as long as the worker
     if ready is not None:
