@@ -70,7 +70,8 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterExcepti
 
 
 def display_url(url: str) -> str:
-    """``url`` without its password, for output: whoever has it can add API keys to the set."""
+    """``url`` without its password, for output: whoever has Redis's can add API keys to the
+    set, and a backend URL's is the gateway's Basic auth there (check-config prints both)."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)  # redis-py also reads ?password=
     parts = urlsplit(url)
     if parts.password is None:

@@ -26,7 +26,9 @@ SETTLE_SECONDS = 0.1
 
 def fixed_at_start(old: Config, new: Config) -> list[str]:
     """The settings a reload does not apply (README, Configuration) that differ in ``new``:
-    a successful reload must not let an operator believe a new signing key is in force."""
+    a successful reload must not let an operator believe a new signing key is in force.
+    ``old`` is the config the process started with: those settings still come from it, however
+    many reloads came between, so a reload that puts one back is not warned about."""
     changed = [
         name
         for name in ("listen", "admin_listen", "backend", "redis", "auth")
@@ -111,7 +113,7 @@ class ConfigWatcher:
         return False
 
     def _apply(self, config: Config) -> None:
-        fixed = fixed_at_start(self._holder.current, config)
+        fixed = fixed_at_start(self._holder.started, config)
         if config.log_level != self._holder.current.log_level:
             set_log_level(config.log_level)  # neither a request's setting nor fixed at start
         self._holder.swap(config)

@@ -6,7 +6,9 @@ The parent of ``--workers N`` only supervises: it sets up Prometheus' multiproce
 (0.5 s up to 30 s) while it keeps dying within 10 s of its start. A worker that cannot start at
 all (port in use, certificate unreadable: an exception before it listened) makes the parent stop
 the others and exit 1 (at once on the first start, after 5 failed restarts later) instead of
-crash-looping. A worker drains on SIGTERM: it stops accepting, reports not-ready, lets in-flight
+crash-looping. Before any of that, ``serve`` refuses to start on a port something already
+listens on (``ports.py``: SO_REUSEPORT alone would let it join another gateway's port). A worker
+drains on SIGTERM: it stops accepting, reports not-ready, lets in-flight
 requests finish within ``server.shutdown_grace``, then exits 0.
 """
 
@@ -29,9 +31,10 @@ from aiohttp import web
 from gateway.accesslog import JsonFormatter, set_log_level
 from gateway.app import build_admin_app, build_app, build_state
 from gateway.collector import tune_collector
-from gateway.config import load_config
+from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.malloc import limit_arenas
+from gateway.ports import first_unavailable
 from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
@@ -222,7 +225,19 @@ def _run(coro: Any) -> None:
 
 
 def serve(config_path: str, workers: int) -> int:
-    config = load_config(config_path)  # fail fast, in the parent, on a bad file
+    try:
+        config = load_config(config_path)  # fail fast, in the parent, on a bad file
+    except ConfigError as exc:  # as check-config says it: every error, no traceback
+        count = len(exc.errors)
+        print(
+            f"{exc}\n{config_path}: {count} error{'s' * (count != 1)}, not started", file=sys.stderr
+        )
+        return 1
+    in_use = first_unavailable({"listen": config.listen, "admin_listen": config.admin_listen})
+    if in_use is not None:
+        setup_logging(config.log_level)
+        LOGGER.error("not started: %s", in_use)
+        return 1
     try:
         tls_context(config)  # and on a certificate or key that cannot be loaded
     except (OSError, ssl.SSLError) as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -22,6 +22,12 @@ class ConfigHolder:
     current: Config
     generation: int = 0
     last_error: str | None = None
+    # What the settings fixed at start (listeners, Redis, backend, auth, ...) were built from:
+    # a reload is told apart from this, not from the last reload (reload.fixed_at_start).
+    started: Config = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.current
 
     def swap(self, config: Config) -> None:
         self.current = config

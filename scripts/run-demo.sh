@@ -7,8 +7,9 @@ BIN=.venv/bin
 mkdir -p var/spool var/backend-files
 CONFIG=${GATEWAY_CONFIG:-config/policies.yaml}
 REDIS_PORT=${DEMO_REDIS_PORT:-6379}
+BACKEND_PORT=${DEMO_BACKEND_PORT:-8081}
 export GATEWAY_REDIS_URL=${GATEWAY_REDIS_URL:-redis://127.0.0.1:${REDIS_PORT}/0}
-export GATEWAY_BACKEND_URL=${GATEWAY_BACKEND_URL:-http://127.0.0.1:8081}
+export GATEWAY_BACKEND_URL=${GATEWAY_BACKEND_URL:-http://127.0.0.1:${BACKEND_PORT}}
 # A signing key for the demo, made once and kept in var/ (never commit one).
 [ -s var/signing-key ] || head -c 32 /dev/urandom | base64 > var/signing-key
 export GATEWAY_SIGNING_KEY=${GATEWAY_SIGNING_KEY:-$(cat var/signing-key)}
@@ -26,24 +27,28 @@ else
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-$BIN/upload-gateway sample-backend --listen 127.0.0.1:8081 --store var/backend-files \
+$BIN/upload-gateway sample-backend --listen "127.0.0.1:${BACKEND_PORT}" --store var/backend-files \
   >var/backend.log 2>&1 &
 backend_pid=$!
 pids+=($backend_pid)
 
-$BIN/upload-gateway --config "$CONFIG" check-config "$CONFIG" >/dev/null
+# check-config's summary names the addresses in force (the file's, or GATEWAY_*LISTEN's).
+SUMMARY=$($BIN/upload-gateway --config "$CONFIG" check-config "$CONFIG")
+LISTEN=$(sed -n 's/^  listen \([^,]*\), admin \([^,]*\),.*/\1/p' <<<"$SUMMARY")
+ADMIN=$(sed -n 's/^  listen \([^,]*\), admin \([^,]*\),.*/\2/p' <<<"$SUMMARY")
+PROXY=http://${LISTEN/#0.0.0.0:/127.0.0.1:}
 KEY_JSON=$($BIN/upload-gateway --config "$CONFIG" keys add --client demo --label "make run" --ttl 30d --json)
 API_KEY=$($BIN/python -c 'import json,sys; print(json.load(sys.stdin)["api_key"])' <<<"$KEY_JSON")
 SECRET=$($BIN/upload-gateway --config "$CONFIG" secret mint --api-key "$API_KEY" --ttl 24h --claim role=agent)
 printf '%%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%%%EOF\n' > var/demo.pdf
 
-ADMIN=${GATEWAY_ADMIN_LISTEN:-127.0.0.1:9102}
 $BIN/upload-gateway serve --config "$CONFIG" >var/gateway.log 2>&1 &
 gateway_pid=$!
 pids+=($gateway_pid)
 up=
+# Up when *this* gateway says it listens: another one on the same ports would answer /healthz.
 for _ in $(seq 100); do
-  curl -fsS "http://$ADMIN/healthz" >/dev/null 2>&1 && { up=1; break; }
+  grep -q "listening on .*pid ${gateway_pid}\"" var/gateway.log 2>/dev/null && { up=1; break; }
   kill -0 "$gateway_pid" 2>/dev/null || break   # it exited: no point waiting
   sleep 0.1
 done
@@ -53,7 +58,7 @@ if [ -z "$up" ] || ! kill -0 "$gateway_pid" 2>/dev/null; then
   exit 1
 fi
 if ! kill -0 "$backend_pid" 2>/dev/null; then
-  echo "The sample backend did not start (port 8081 in use?); the end of var/backend.log:" >&2
+  echo "The sample backend did not start (port ${BACKEND_PORT} in use?); the end of var/backend.log:" >&2
   tail -n 5 var/backend.log >&2
   exit 1
 fi
@@ -61,18 +66,18 @@ fi
 cat <<TXT
 
 Upload Gateway is running
-  gateway        http://127.0.0.1:8080        (log: var/gateway.log)
+  gateway        ${PROXY}        (log: var/gateway.log)
   admin          http://${ADMIN}/metrics /healthz /readyz
-  sample backend http://127.0.0.1:8081        (files land in var/backend-files/)
+  sample backend ${GATEWAY_BACKEND_URL}        (files land in var/backend-files/)
   redis          ${GATEWAY_REDIS_URL}
 
 A demo API key was created for client "demo"; its Secret (valid 24 h, role agent):
   export SECRET='${SECRET}'
 
 Try it:
-  curl -sS -H "Authorization: Bearer \$SECRET" -F 'file=@var/demo.pdf' http://127.0.0.1:8080/streams/42/objects
-  curl -sS -H "Authorization: Bearer \$SECRET" http://127.0.0.1:8080/_gateway/policy/42
-  curl -sS -F 'file=@/bin/ls;filename=invoice.pdf' -H "Authorization: Bearer \$SECRET" http://127.0.0.1:8080/streams/42/objects
+  curl -sS -H "Authorization: Bearer \$SECRET" -F 'file=@var/demo.pdf' ${PROXY}/streams/42/objects
+  curl -sS -H "Authorization: Bearer \$SECRET" ${PROXY}/_gateway/policy/42
+  curl -sS -F 'file=@/bin/ls;filename=invoice.pdf' -H "Authorization: Bearer \$SECRET" ${PROXY}/streams/42/objects
 
 Ctrl-C stops everything.
 TXT

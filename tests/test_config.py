@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -132,6 +133,29 @@ def test_shipped_policies_yaml_is_valid_and_matches_spec() -> None:
         "application/zip",
     )
     assert config.channels["whatsapp"].customers.enabled is False
+
+
+def test_the_settings_the_sample_file_shows_commented_out_are_real_and_their_defaults() -> None:
+    """The sample file is an operator's reference: each commented-out setting must be a key
+    the loader knows, and where it shows a default, the default the code has."""
+    path = REPO / "config" / "policies.yaml"
+    setting = re.compile(r"^(\s*)# (\s*[a-z_]+:(?: |$))", re.MULTILINE)
+    shown = setting.sub(r"\1\2", path.read_text())
+    # sentinels and cluster are alternatives; the example shows sentinels.
+    shown = "\n".join(line for line in shown.splitlines() if not line.startswith("  cluster:"))
+    assert len(setting.findall(path.read_text())) >= 15
+    sample = load_config(str(path), env=ENV)
+    spelled_out = load_config_text(shown, env=ENV)
+    examples = {"tls_cert_file": None, "tls_key_file": None}
+    assert dataclasses.replace(spelled_out.server, **examples) == sample.server
+    assert spelled_out.log_level == sample.log_level
+    assert spelled_out.backend == dataclasses.replace(
+        sample.backend, ca_file="/etc/ssl/backend-ca.pem"
+    )
+    assert spelled_out.redis.pool_size == sample.redis.pool_size
+    assert spelled_out.redis.sentinels and spelled_out.redis.sentinel_service == "mymaster"
+    assert spelled_out.auth.retry_after == sample.auth.retry_after
+    assert spelled_out.cors == sample.cors
 
 
 @pytest.mark.parametrize(
@@ -573,6 +597,26 @@ def test_env_overrides_apply() -> None:
     assert config.backend.read_timeout == 60.0  # the rest of the section is kept
 
 
+@pytest.mark.parametrize(
+    ("admin", "env"),
+    [
+        ("127.0.0.1:8080", {}),  # inside listen's 0.0.0.0
+        ("0.0.0.0:8080", {}),
+        ("127.0.0.1:9102", {"GATEWAY_LISTEN": "127.0.0.1:9102"}),  # made so by a variable
+        ("127.0.0.1:9102", {"GATEWAY_ADMIN_LISTEN": "[::]:8080"}),
+    ],
+)
+def test_admin_listen_on_the_proxy_port_is_an_error(admin: str, env: dict[str, str]) -> None:
+    """Both listeners bind with SO_REUSEPORT, so the same port was shared between them: half
+    the clients got the admin app (``/metrics`` on the public port), half the scrapes a 401."""
+    text = mutate("admin_listen: 127.0.0.1:9102", f"admin_listen: {admin}")
+    (issue,) = issues_of(text, env={**ENV, **env})
+    assert issue.key == "admin_listen" and "listen" in issue.message
+    other_port = mutate("admin_listen: 127.0.0.1:9102", "admin_listen: 127.0.0.1:8081")
+    assert load_config_text(other_port, env=ENV).admin_listen.port == 8081
+    assert load_config_text(BASE, env={**ENV, "GATEWAY_ADMIN_LISTEN": "10.0.0.1:9102"})
+
+
 def test_bad_env_overrides_name_the_variable() -> None:
     env = {
         **ENV,
@@ -654,3 +698,19 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert f"{bad}:{line_of(text, 'x: 1')}: limits.x: unknown key" in failed.stderr
     assert f"{bad}:{line_of(text, '30MB')}: channels.whatsapp.agents.max_file_size" in failed.stderr
     assert "OK" not in failed.stdout
+
+
+def test_check_config_shows_no_backend_password(tmp_path: Path) -> None:
+    """The summary ends up in CI logs: a backend URL's password is masked there, as Redis's is
+    (aiohttp sends a URL's user and password as Basic auth, so a URL may well carry one)."""
+    good = tmp_path / "good.yaml"
+    good.write_text(BASE)
+    ok = run_cli(
+        "check-config",
+        str(good),
+        GATEWAY_BACKEND_URL="https://gateway:s3cret-pw@backend.internal",
+        GATEWAY_REDIS_URL="redis://:other-pw@redis:6379/0",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "s3cret-pw" not in ok.stdout and "other-pw" not in ok.stdout
+    assert "backend https://gateway:***@backend.internal" in ok.stdout

@@ -7,10 +7,12 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.support.procs import REPO, child_env, free_port
+from tests.support.gateway_proc import BackendProc, base_config, start_gateway
+from tests.support.procs import REPO, RedisServer, child_env, free_port
 
 
 def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
@@ -43,4 +45,42 @@ def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
         holder.close()
     assert proc.returncode == 1, stdout + stderr
     assert "Upload Gateway is running" not in stdout
-    assert "address already in use" in stderr
+    assert "address already in use" in stderr.lower()
+
+
+def test_demo_does_not_take_another_gateways_answers_for_its_own(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """Another gateway already on the demo's ports (a second ``make run``, another checkout):
+    the demo's own gateway cannot listen there, and the demo must say so rather than take the
+    other one's ``/healthz`` for its own and print a Secret that gateway knows nothing of."""
+    other = start_gateway(base_config(redis_server.url, backend_proc.url, tmp_path / "spool"))
+    env = child_env(
+        GATEWAY_LISTEN=str(other.config["listen"]),
+        GATEWAY_ADMIN_LISTEN=str(other.config["admin_listen"]),
+        DEMO_REDIS_PORT=str(free_port()),
+        DEMO_BACKEND_PORT=str(free_port()),
+    )
+    for name in ("GATEWAY_CONFIG", "GATEWAY_REDIS_URL", "GATEWAY_BACKEND_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        ["scripts/run-demo.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=15)
+        pytest.fail(f"the demo kept running in front of another gateway:\n{stdout}")
+    finally:
+        assert other.proc.poll() is None  # untouched
+        other.stop()
+    assert proc.returncode == 1, stdout + stderr
+    assert "Upload Gateway is running" not in stdout
+    assert f"not started: listen {other.config['listen']}" in stderr, stderr

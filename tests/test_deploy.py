@@ -346,6 +346,15 @@ def test_reference_check_catches_unknown_metrics_and_labels() -> None:
         check_references("sum by (path) (rate(upload_gateway_requests_total[5m]))", defined)
 
 
+def test_the_metric_checks_read_every_dashboard_and_rule_file_shipped() -> None:
+    """The reference checks read ``DASHBOARD`` and ``alerts.yml`` by name: a second dashboard or
+    rule file would ship with its metric names unchecked. Adding one must extend them."""
+    assert sorted(DASHBOARD.parent.glob("*")) == [DASHBOARD]
+    assert load_yaml(PROM / "prometheus.yml")["rule_files"] == ["alerts.yml"]
+    assert {p.name for p in PROM.iterdir()} == {"prometheus.yml", "alerts.yml", "alerts_test.yml"}
+    assert not [p for p in K8S.glob("*.yaml") if "PrometheusRule" in p.read_text()]
+
+
 def test_alert_rules_use_only_defined_metrics() -> None:
     defined = defined_metrics()
     for group in load_yaml(PROM / "alerts.yml")["groups"]:

@@ -23,7 +23,7 @@ from gateway.config.model import AuthConfig, RedisConfig, SecretValue, SigningKe
 from gateway.errors import GatewayError
 from gateway.redis_client import build_redis
 from tests.support.gateway_proc import SIGNING_KEY, base_config, cli
-from tests.support.procs import RedisServer, free_port
+from tests.support.procs import REPO, RedisServer, child_env, free_port, gateway_command
 
 IP = "198.51.100.4"
 
@@ -256,3 +256,44 @@ def test_a_key_that_would_be_born_expired_is_refused_and_changes_nothing(
     (row,) = run_json(config_path, "keys", "list", "--client", "acme")
     assert row["key_id"] == old["key_id"] and row["expires"] == old["expires"]
     assert row["state"] == "active"
+
+
+def test_mint_without_the_signing_variable_names_it(tmp_path: Path, prefix: str) -> None:
+    """The config names ``secret_env: GATEWAY_SIGNING_KEY``; only the variable was missing, yet
+    mint said "set its secret_env", sending the operator to edit a file that was right."""
+    config_path = write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0", prefix)
+    env = child_env()
+    for name in ("GATEWAY_SIGNING_KEY", "GATEWAY_CONFIG"):
+        env.pop(name, None)
+    result = subprocess.run(
+        gateway_command("--config", str(config_path), "secret", "mint", "--api-key", "k"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert "environment variable GATEWAY_SIGNING_KEY is not set" in result.stderr, result.stderr
+    assert "set its secret_env" not in result.stderr
+
+
+def test_rotating_a_client_without_an_active_key_is_refused_and_changes_nothing(
+    config_path: Path,
+) -> None:
+    """``keys rotate --client acmee`` (a typo) made a first key for a client that does not
+    exist, exit 0, and left the real client's keys without an end: the leaked key the
+    rotation was for kept working for good."""
+    real = run_json(config_path, "keys", "add", "--client", "acme")
+    typo = cli(config_path, "keys", "rotate", "--client", "acmee", "--overlap", "1h", check=False)
+    assert typo.returncode == 1, typo.stdout
+    assert "no active key" in typo.stderr and "'acmee'" in typo.stderr
+    assert "ugw_" not in typo.stdout
+    (row,) = run_json(config_path, "keys", "list")
+    assert row["key_id"] == real["key_id"] and row["expires"] == real["expires"]
+    expired = run_json(config_path, "keys", "add", "--client", "gone", "--ttl", "1s")
+    time.sleep(1.2)
+    ended = cli(config_path, "keys", "rotate", "--client", "gone", check=False)
+    assert ended.returncode == 1 and "no active key" in ended.stderr
+    rows = run_json(config_path, "keys", "list", "--client", "gone")
+    assert [r["key_id"] for r in rows] == [expired["key_id"]]

@@ -9,6 +9,7 @@ file of the same size and give it back the old mtime: the poller cannot tell it 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import signal
@@ -24,11 +25,18 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway import reload as module
+from gateway.config import load_config
 from gateway.config.model import Config
 from gateway.metrics import Metrics
 from gateway.state import ConfigHolder
 from tests.support import files
-from tests.support.gateway_proc import BackendProc, GatewayProc, start_gateway
+from tests.support.gateway_proc import (
+    SIGNING_KEY,
+    BackendProc,
+    GatewayProc,
+    base_config,
+    start_gateway,
+)
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import parse_response
 from tests.test_metrics import (
@@ -273,6 +281,36 @@ async def test_a_loader_bug_fails_the_reload_and_keeps_watching(
     assert holder.last_error is not None and "ZeroDivisionError" in holder.last_error
     monkeypatch.setattr(module, "load_config", lambda _: Config())
     assert await watcher.reload() is True and holder.generation == 1
+
+
+async def test_the_restart_warning_compares_with_what_runs_not_with_the_last_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settings fixed at start were compared with the previous reload's file: once a
+    warned change (``backend.read_timeout``) had been reloaded, the next reload (a limit)
+    said nothing although the file still differed from what the process runs, and putting
+    the running value back warned that it waited for a restart."""
+    monkeypatch.setenv("GATEWAY_SIGNING_KEY", SIGNING_KEY)
+    base = base_config("redis://127.0.0.1:9/0", "http://127.0.0.1:9", tmp_path / "spool")
+    path = tmp_path / "policies.yaml"
+    path.write_text(dump(base))
+    holder = ConfigHolder(load_config(str(path)))
+    watcher = module.ConfigWatcher(str(path), holder, Metrics(CollectorRegistry()))
+
+    async def restart_warnings(config: dict[str, Any]) -> list[str]:
+        write_atomically(path, dump(config))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="upload_gateway.reload"):
+            assert await watcher.reload()
+        return [r.getMessage() for r in caplog.records if "after a restart" in r.getMessage()]
+
+    slower = copy.deepcopy(base)
+    slower["backend"]["read_timeout"] = "9s"
+    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(slower)] == ["backend"]
+    limited = with_agents(slower, max_file_size=2000)
+    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(limited)] == ["backend"]
+    assert holder.current.channels["default"].agents.max_file_size == 2000  # the rest applies
+    assert await restart_warnings(base) == []  # the file agrees with what runs again
 
 
 def test_a_reload_applies_a_new_log_level(

@@ -5,6 +5,7 @@ certificate is unusable; the gateway must exit non-zero with the reason, not cra
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support import files
 from tests.support.gateway_proc import (
@@ -23,7 +25,14 @@ from tests.support.gateway_proc import (
     spawn_gateway,
     start_gateway,
 )
-from tests.support.procs import RedisServer, wait_for_port
+from tests.support.procs import (
+    REPO,
+    RedisServer,
+    child_env,
+    free_port,
+    gateway_command,
+    wait_for_port,
+)
 from tests.test_metrics import Samples, bearer, mint, new_key, observed_config, scrape, send, upload
 
 
@@ -62,6 +71,65 @@ def test_port_in_use_exits_non_zero_instead_of_crash_looping(
     assert code not in (None, 0), f"still running / exit {code} after 10 s:\n{log[-2000:]}"
     assert log.count("restarting") <= 3, log[-2000:]
     assert "address already in use" in log.lower(), log[-2000:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken", ["listen", "admin_listen"])
+def test_a_port_another_gateway_listens_on_is_refused_not_shared(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path, workers: int, taken: str
+) -> None:
+    """The workers bind with SO_REUSEPORT, which lets any process of the same user bind a port a
+    gateway holds: a second ``serve`` (an old version, a trial config in ``mode: report``) used
+    to start and silently take a share of the clients, or of the scrapes. Like nginx, a port
+    in use is a refusal to start, whoever holds it, and the running gateway is untouched."""
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    (tmp_path / "first").mkdir()
+    first = start_gateway(copy.deepcopy(config), tmp_path / "first")
+    try:
+        second = {**copy.deepcopy(config), "mode": "report"}
+        other = "admin_listen" if taken == "listen" else "listen"
+        second[other] = f"127.0.0.1:{free_port()}"
+        (tmp_path / "second").mkdir()
+        code, log = run_serve(second, tmp_path / "second", workers, timeout=10)
+        assert code == 1, f"still running / exit {code} after 10 s:\n{log[-2000:]}"
+        assert f"{taken} {config[taken]}" in log, log[-2000:]
+        assert "address already in use" in log.lower(), log[-2000:]
+        assert "Traceback" not in log, log[-2000:]
+        assert first.proc.poll() is None
+        assert send(first.admin_port, "GET", "/healthz").status == 200
+    finally:
+        first.stop()
+
+
+def test_a_config_that_does_not_load_stops_serve_with_its_errors_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """An operator who forgot to export the signing key's variable got a Python traceback
+    with the reason on its last line; the same errors check-config prints, and exit 1."""
+    config = base_config("redis://127.0.0.1:9/0", "http://127.0.0.1:9", tmp_path / "spool")
+    config["auth"]["keys"] = {"platform": {"secret_env": "UGW_TEST_UNSET_SIGNING_KEY"}}
+    config["limits"]["max_files"] = "ten"
+    path = tmp_path / "policies.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = child_env()
+    for name in ("GATEWAY_SIGNING_KEY", "GATEWAY_CONFIG", "UGW_TEST_UNSET_SIGNING_KEY"):
+        env.pop(name, None)
+    result = subprocess.run(
+        gateway_command("serve", "--config", str(path)),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert (
+        "auth.keys.platform.secret_env: environment variable UGW_TEST_UNSET_SIGNING_KEY is not set"
+        in (result.stderr)
+    )
+    assert "limits.max_files: expected an integer" in result.stderr
+    assert f"{path}: 2 errors" in result.stderr
 
 
 @pytest.mark.parametrize("workers", [1, 2])

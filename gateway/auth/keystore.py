@@ -53,6 +53,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class NoActiveKeyError(ValueError):
+    """``rotate`` of a client with no active key: there is nothing to rotate, and a new key
+    for a mistyped client id would leave the real client's keys working without an end."""
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     """One key's metadata; never the key itself, and not even its digest in ``repr``."""
@@ -183,6 +188,7 @@ class KeyStore:
         rate_limit: RateLimit | None = None,
     ) -> tuple[NewKey, list[KeyRecord]]:
         """A new key; the client's other keys now expire at min(their expiry, now + overlap).
+        :class:`NoActiveKeyError` when the client has no active key (``add`` makes the first).
 
         The IP allow-list and rate limit are the client's rules (SPEC §3): those not given are
         taken from the client's newest active key, so a rotation never lifts them.
@@ -218,10 +224,14 @@ class KeyStore:
         now = time.time()
         cutoff = now + overlap
         old = [r for r in await self._records_watched(pipe, old_digests) if r.active(now)]
-        if old:
-            newest = max(old, key=lambda r: (r.created, r.key_id))
-            allow_ips = allow_ips or newest.allow_ips
-            rate_limit = rate_limit or newest.rate_limit
+        if not old:  # a mistyped client id would get a first key, and the real one's keep working
+            raise NoActiveKeyError(
+                f"client {client!r} has no active key to rotate (`keys add` makes a client's"
+                " first key): nothing changed"
+            )
+        newest = max(old, key=lambda r: (r.created, r.key_id))
+        allow_ips = allow_ips or newest.allow_ips
+        rate_limit = rate_limit or newest.rate_limit
         pipe.multi()  # type: ignore[no-untyped-call]
         new = self._queue_add(pipe, client, expires, label, allow_ips, rate_limit, now)
         ended: list[KeyRecord] = []

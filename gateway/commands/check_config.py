@@ -42,7 +42,7 @@ def summary(config: Config) -> list[str]:
     """What an operator wants to eyeball after a change: where it listens, and the policy."""
     lines = [
         f"listen {config.listen}, admin {config.admin_listen}, mode {config.mode}",
-        f"backend {config.backend.url}, redis {display_url(config.redis.url)}",
+        f"backend {display_url(config.backend.url)}, redis {display_url(config.redis.url)}",
     ]
     for kid, key in config.auth.keys.items():
         if key.public_key_file is not None:

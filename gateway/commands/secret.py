@@ -25,7 +25,7 @@ from gateway.auth.secret import (
 )
 from gateway.commands import add_config_argument
 from gateway.config.loader import load_config
-from gateway.config.model import AuthConfig
+from gateway.config.model import AuthConfig, SigningKey
 from gateway.config.reader import ConfigError
 from gateway.config.units import parse_duration
 
@@ -79,8 +79,7 @@ def _signing_key(auth: AuthConfig, kid: str, private_key_file: str | None) -> tu
         raise ValueError(f"auth.keys has no kid {kid!r} (known: {', '.join(auth.keys) or 'none'})")
     if private_key_file is None:
         if configured.secret is None:
-            hint = "pass --private-key-file" if configured.public_key_pem else "set its secret_env"
-            raise ValueError(f"kid {kid!r} has no shared secret to sign with: {hint}")
+            raise ValueError(f"kid {kid!r} has no shared secret to sign with: {_hint(configured)}")
         return configured.secret.reveal(), signing_algorithm("HS", auth.algorithms)
     with open(private_key_file, "rb") as handle:
         family, private = private_key_family(handle.read())
@@ -91,6 +90,16 @@ def _signing_key(auth: AuthConfig, kid: str, private_key_file: str | None) -> tu
     if configured_family != family or not same:
         raise ValueError(f"{private_key_file} is not the private half of kid {kid!r}'s public key")
     return private, signing_algorithm(family, auth.algorithms, public)
+
+
+def _hint(key: SigningKey) -> str:
+    """What to do: the file usually names the variable already; it is the variable that is
+    missing from this shell (``make run`` keeps the demo's in ``var/signing-key``)."""
+    if key.public_key_pem:
+        return "pass --private-key-file"
+    if key.secret_env:
+        return f"environment variable {key.secret_env} is not set"
+    return "give it a secret_env"
 
 
 def _claim(text: str) -> tuple[str, Any]:

@@ -52,6 +52,7 @@ __all__ = [
 
 SYSTEM_MAX_FILE_SIZE = 20 * MiB
 """SPEC §1: no configuration may let a bigger file through."""
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
@@ -157,10 +158,22 @@ def _build_config(reader: Reader, root: Node | None, require_secrets: bool) -> C
     values = {name: value for name, value in values.items() if value is not None}
     config = replace(Config(), **values)
     config = _apply_env(reader, config)
+    _check_listeners_apart(reader, config)
     auth_failed = any(i.key.startswith(("auth", "GATEWAY_SIGNING_KEY")) for i in reader.issues)
     if require_secrets and not config.auth.keys and not auth_failed:
         reader.error(None, "auth.keys", "no verification key: add one or set GATEWAY_SIGNING_KEY")
     return config
+
+
+def _check_listeners_apart(reader: Reader, config: Config) -> None:
+    """Both listeners bind with SO_REUSEPORT (``--workers`` share a port), which the kernel
+    also lets the admin listener use to join the proxy's port: clients would then reach
+    ``/metrics`` and scrapes the proxy, each about half the time. Checked after the
+    environment overrides, which can cause it; a host name is not resolved here."""
+    proxy, admin = config.listen, config.admin_listen
+    overlap = proxy.host == admin.host or {proxy.host, admin.host} & _WILDCARD_HOSTS
+    if proxy.port == admin.port and overlap:
+        reader.error(None, "admin_listen", f"{admin} overlaps listen {proxy}: use another port")
 
 
 def _backend(reader: Reader, node: Node, key: str) -> BackendConfig | None:
