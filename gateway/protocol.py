@@ -23,6 +23,9 @@ aiohttp also answers requests its parser refuses with a plain-text page that quo
 bytes, and logs them with a traceback; the bytes may be an ``Authorization`` header. Here every
 such refusal is problem+json from the one error table (SPEC §5), 431 for heads that are too large,
 and the log line names only the kind of error, never the bytes.
+
+Each read of a chunked body is also counted against :mod:`gateway.chunking`: a body of tiny
+chunks costs the parser's Python side per chunk, and is refused (400) once out of proportion.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.accesslog import RequestRecord, log_request
+from gateway.chunking import ChunkCount
 from gateway.errors import GatewayError, problem_body, problem_response
 from gateway.framing import check_framing
 from gateway.headers import new_request_id
@@ -114,6 +118,8 @@ class GatewayProtocol(RequestHandler):
         self._failed_body: StreamReader | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self.send_timed_out = False  # the handler logs such a cut as send_timeout, not the client's
+        self._chunks: ChunkCount | None = None  # the current body's, when it is chunked
+        self._answered_body: StreamReader | None = None  # the last answered request's body
 
     @property
     def busy(self) -> bool:
@@ -143,16 +149,23 @@ class GatewayProtocol(RequestHandler):
         super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        if self._parse_failed:
-            # The connection ends with that refusal. Parsing on would queue one more error per
-            # read, and the refusal would be described by the last (a field over 8 KiB arriving
-            # in several reads was answered 400 "request line too long" instead of 431).
+        chunks = self._chunks
+        if self._parse_failed or (chunks is not None and chunks.refused):
+            # The connection ends with that refusal: nothing after it is parsed. Parsing on
+            # after a refused head would queue one more error per read, and the refusal would
+            # be described by the last (a field over 8 KiB arriving in several reads was
+            # answered 400 "request line too long" instead of 431); after a body refused for
+            # its chunking, its framing is not trusted.
             return
-        reading_body = bool(data) and not self._between_requests()
+        # b"" is aiohttp resuming its parser on data it held back while the reader was full
+        reading_body = not self._between_requests()
         if data and not reading_body:
             self._note_head_bytes(data)
         count = self._request_count
+        mark = chunks.mark() if chunks is not None else 0
         super().data_received(data)
+        if chunks is not None and chunks.over(mark):
+            self._refuse_chunks(chunks)
         if self._request_count == count:
             if self._head_bytes > self._options.max_head_size and self._idle():
                 # Unfinished and already too large: refused now, not once ~1 MiB is parsed.
@@ -169,12 +182,14 @@ class GatewayProtocol(RequestHandler):
             if reading_body:
                 self._fail_body(exc)
         self._last_payload = payload
+        self._chunks = ChunkCount(payload) if getattr(message, "chunked", False) else None
         self._head_bytes, self._line_end = -1, None
         self._cancel_head_timer()
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        self._answered_body = request.content
         result = await super().finish_response(request, resp, start_time)
         if resp.status == 408 or request.content is self._failed_body:
             # The client stalled, or its body framing broke: nothing more worth reading, so
@@ -224,6 +239,19 @@ class GatewayProtocol(RequestHandler):
         self.send_timed_out = True
         if self.transport is not None:
             self.transport.abort()
+
+    def _refuse_chunks(self, chunks: ChunkCount) -> None:
+        """A body of too many tiny chunks: its handler reads a 400 instead of the rest, and
+        the parser is fed nothing more. The body of a request already answered is being read
+        by aiohttp only to be discarded (its lingering read): close, and end that read, which
+        would otherwise find the connection closed and log an error."""
+        chunks.refused = True
+        if chunks.reader is self._answered_body:
+            self.force_close()
+            chunks.reader.feed_eof()  # no handler reads it: nothing is taken for complete
+            return
+        self._failed_body = chunks.reader
+        chunks.reader.set_exception(chunks.error())
 
     # -- the head timer -------------------------------------------------------------------------
 

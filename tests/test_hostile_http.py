@@ -171,6 +171,18 @@ def test_bad_chunk_after_the_body_started_is_refused_and_not_forwarded(
     assert backend.records() == []
 
 
+def test_bad_chunk_in_bytes_the_parser_held_back_is_refused_at_once(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    """aiohttp stops parsing a read once ~2,048 chunks wait unread, and parses the rest when
+    the body is read on: a framing error found then must fail the body too (it waited for the
+    body timeout: 408), and nothing may be forwarded as if complete."""
+    body = b"1\r\nX\r\n" * 3000 + b"zz\r\nxyz\r\n0\r\n\r\n"
+    payload = head(secret, "POST /t/status/200 HTTP/1.1", CHUNKED) + body + pipelined(secret)
+    body_doc = assert_refused(gateway.port, payload, backend, 400, "malformed_request")
+    assert "chunked framing is invalid" in str(body_doc["detail"])
+
+
 def test_chunked_body_with_extensions_still_reaches_the_backend_intact(
     gateway: GatewayProc, backend: BackendProc, secret: str
 ) -> None:
