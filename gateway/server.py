@@ -34,6 +34,7 @@ from gateway.collector import tune_collector
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.malloc import limit_arenas
+from gateway.metrics import Metrics
 from gateway.ports import first_unavailable
 from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
 from gateway.reload import ConfigWatcher
@@ -85,15 +86,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
-    options = ProtocolOptions(
-        header_timeout=config.server.header_timeout,
-        metrics=state.metrics,
-        send_timeout=config.server.send_timeout,
-        max_head_size=config.server.max_head_size,
-    )
     return GatewayRunner(
         build_app(state),
-        options,
+        _protocol_options(config, state.metrics),
         handle_signals=False,
         access_log=None,
         auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
@@ -112,19 +107,23 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     )
 
 
+def _protocol_options(config: Config, metrics: Metrics | None) -> ProtocolOptions:
+    server = config.server
+    return ProtocolOptions(
+        header_timeout=server.header_timeout,
+        metrics=metrics,
+        send_timeout=server.send_timeout,
+        max_head_size=server.max_head_size,
+    )
+
+
 def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The admin listener's runner: the same head timer and send timeout as the proxy's (in
     Kubernetes it listens on the pod's address for probes and scrapes, and aiohttp alone would
     let a connection that never finishes its head stay open for ever), nothing counted."""
-    options = ProtocolOptions(
-        header_timeout=config.server.header_timeout,
-        metrics=None,
-        send_timeout=config.server.send_timeout,
-        max_head_size=config.server.max_head_size,
-    )
     return GatewayRunner(
         build_admin_app(state),
-        options,
+        _protocol_options(config, None),
         handle_signals=False,
         access_log=None,
         lingering_time=LINGERING_SECONDS,

@@ -15,15 +15,9 @@ from tests.support.gateway_proc import BackendProc, base_config, start_gateway
 from tests.support.procs import REPO, RedisServer, child_env, free_port
 
 
-def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
-    holder = socket.socket()  # the proxy port, taken by someone else
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    env = child_env(
-        GATEWAY_LISTEN=f"127.0.0.1:{holder.getsockname()[1]}",
-        GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
-        DEMO_REDIS_PORT=str(free_port()),
-    )
+def run_demo_that_cannot_start(**ports: str) -> tuple[str, str]:
+    """Run ``make run``'s script with these ports, expecting it to give up; (stdout, stderr)."""
+    env = child_env(**ports)
     for name in ("GATEWAY_CONFIG", "GATEWAY_REDIS_URL", "GATEWAY_BACKEND_URL"):
         env.pop(name, None)
     proc = subprocess.Popen(
@@ -40,11 +34,24 @@ def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)  # the script, redis-server and the sample backend
         stdout, stderr = proc.communicate(timeout=15)
-        pytest.fail(f"the demo kept running with no gateway:\n{stdout}")
-    finally:
-        holder.close()
+        pytest.fail(f"the demo kept running with no gateway of its own:\n{stdout}")
     assert proc.returncode == 1, stdout + stderr
     assert "Upload Gateway is running" not in stdout
+    return stdout, stderr
+
+
+def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
+    holder = socket.socket()  # the proxy port, taken by someone else
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        _, stderr = run_demo_that_cannot_start(
+            GATEWAY_LISTEN=f"127.0.0.1:{holder.getsockname()[1]}",
+            GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
+            DEMO_REDIS_PORT=str(free_port()),
+        )
+    finally:
+        holder.close()
     assert "address already in use" in stderr.lower()
 
 
@@ -55,32 +62,14 @@ def test_demo_does_not_take_another_gateways_answers_for_its_own(
     the demo's own gateway cannot listen there, and the demo must say so rather than take the
     other one's ``/healthz`` for its own and print a Secret that gateway knows nothing of."""
     other = start_gateway(base_config(redis_server.url, backend_proc.url, tmp_path / "spool"))
-    env = child_env(
-        GATEWAY_LISTEN=str(other.config["listen"]),
-        GATEWAY_ADMIN_LISTEN=str(other.config["admin_listen"]),
-        DEMO_REDIS_PORT=str(free_port()),
-        DEMO_BACKEND_PORT=str(free_port()),
-    )
-    for name in ("GATEWAY_CONFIG", "GATEWAY_REDIS_URL", "GATEWAY_BACKEND_URL"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        ["scripts/run-demo.sh"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        stdout, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=15)
-        pytest.fail(f"the demo kept running in front of another gateway:\n{stdout}")
+        _, stderr = run_demo_that_cannot_start(
+            GATEWAY_LISTEN=str(other.config["listen"]),
+            GATEWAY_ADMIN_LISTEN=str(other.config["admin_listen"]),
+            DEMO_REDIS_PORT=str(free_port()),
+            DEMO_BACKEND_PORT=str(free_port()),
+        )
     finally:
         assert other.proc.poll() is None  # untouched
         other.stop()
-    assert proc.returncode == 1, stdout + stderr
-    assert "Upload Gateway is running" not in stdout
     assert f"not started: listen {other.config['listen']}" in stderr, stderr
