@@ -33,6 +33,7 @@ from gateway.state import STATE, GatewayState
 
 LOGGER = logging.getLogger("upload_gateway")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+POLICY_ROUTE = "policy"  # the route label of GET /_gateway/policy/{channel}
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -96,6 +97,7 @@ async def _serve(
     identity = await state.auth.authenticate(request.headers, record.remote)
     record.client_id = identity.client_id
     if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
+        record.route = POLICY_ROUTE  # answered here: not proxied traffic, in metrics and log
         response = policy_response(request, config, identity.claims, record.request_id)
         add_cors_headers(response, request, config.cors)  # SPEC §5: the widget must read it
         return response

@@ -199,6 +199,8 @@ def script(agent: str, customer: str, unknown_key: str) -> list[Step]:
     steps.append(Step("GET", "/random/abc123", b"", a, 200, "proxy", forwards=True))
     steps.append(Step("POST", "/t/echo", b"e" * 1000, a, 200, "proxy", forwards=True))
     steps.append(Step("GET", "/t/status/404", b"", a, 404, "proxy", forwards=True))
+    # answered by the gateway itself: not proxied traffic
+    steps.append(Step("GET", "/_gateway/policy/tiny", b"", a, 200, "policy"))
     return steps
 
 
@@ -239,7 +241,7 @@ def test_requests_are_counted_by_route_method_and_status(observed: Any) -> None:
         expected[key] = expected.get(key, 0) + 1
     samples = Samples(text)
     assert samples.series("requests_total") == expected
-    for route in (OBJECTS, CHILD, "proxy"):
+    for route in (OBJECTS, CHILD, "proxy", "policy"):
         count = sum(1 for s in steps if s.route == route)
         assert samples.get("request_duration_seconds_count", route=route) == count, route
 
@@ -300,7 +302,7 @@ def test_auth_cache_lookups_add_up(observed: Any) -> None:
 def test_bytes_received_and_forwarded_match_what_was_sent(observed: Any) -> None:
     gw, steps, _, text = observed
     samples = Samples(text)
-    for route in (OBJECTS, CHILD, "proxy"):
+    for route in (OBJECTS, CHILD, "proxy", "policy"):
         sent = sum(len(s.body) for s in steps if s.route == route and s.reads_body)
         forwarded = sum(len(s.body) for s in steps if s.route == route and s.forwards)
         assert samples.get("received_bytes_total", route=route) == sent, route
@@ -344,4 +346,4 @@ def test_label_values_are_bounded(observed: Any) -> None:
         assert "abc123" not in value and "random" not in value and "/t/" not in value, value
         assert not any(sid in value for sid in ("101", "102", "104", "105", "106")), value
     routes = set(samples.by("requests_total", "route"))
-    assert routes == {OBJECTS, CHILD, "proxy"}
+    assert routes == {OBJECTS, CHILD, "proxy", "policy"}

@@ -140,6 +140,23 @@ def test_sizes_and_where_they_come_from(config: Config) -> None:
     assert rules.effective_policy(config, "small", "agent").mode_source == "mode"
 
 
+@pytest.mark.parametrize(
+    ("num_bytes", "shown"),
+    [
+        (20 * MiB, 20),
+        (MiB, 1),
+        (10 * MiB + MiB // 2, 10.5),
+        (MiB + 1, 1.0),
+        (2000, 0.0019),
+        (1, 9.5e-07),
+    ],
+)
+def test_max_file_size_allow_is_megabytes_and_never_rounds_a_limit_to_zero(
+    num_bytes: int, shown: float
+) -> None:
+    assert rules.megabytes(num_bytes) == shown
+
+
 def test_exactly_the_limit_passes_one_more_byte_fails(config: Config) -> None:
     policy = rules.effective_policy(config, "small", "customer")
     assert rules.check_size(policy, 500, "a.png") is None
@@ -148,7 +165,7 @@ def test_exactly_the_limit_passes_one_more_byte_fails(config: Config) -> None:
     assert error.fields == {
         "limit_bytes": 500,
         "limit_source": "channels.small.customers.max_file_size",
-        "maxFileSizeAllow": round(500 / MiB, 2),
+        "maxFileSizeAllow": 0.00048,  # never 0.0: a client shows it to the user
         "channel": "small",
         "role": "customer",
         "fileName": "a.png",

@@ -12,9 +12,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the proxy")
     add_config_argument(p)
     p.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+        "--workers", type=_workers, default=1, help="processes sharing the port (SO_REUSEPORT)"
     )
     p.set_defaults(func=run)
+
+
+def _workers(text: str) -> int:
+    """At least one: ``--workers 0`` quietly ran one, which is not what was asked for."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {count}")
+    return count
 
 
 def run(args: argparse.Namespace) -> int:

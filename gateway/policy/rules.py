@@ -205,8 +205,12 @@ class FileVerdict:
 
 
 def megabytes(num_bytes: int) -> int | float:
-    """``maxFileSizeAllow`` as the platform sends it: whole MB when exact."""
-    return num_bytes // MiB if num_bytes % MiB == 0 else round(num_bytes / MiB, 2)
+    """``maxFileSizeAllow`` as the platform sends it: whole MB when exact, else two decimals,
+    or two significant digits under 0.01 MB (a 2,000-byte limit is 0.0019, never 0.0)."""
+    if num_bytes % MiB == 0:
+        return num_bytes // MiB
+    value = round(num_bytes / MiB, 2)
+    return value if value else float(f"{num_bytes / MiB:.2g}")
 
 
 def file_fields(policy: EffectivePolicy, filename: str | None) -> dict[str, Any]:
