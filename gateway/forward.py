@@ -38,6 +38,7 @@ from gateway.config.model import BackendConfig
 from gateway.errors import GatewayError
 from gateway.headers import end_to_end, has_undecodable_bytes
 from gateway.metrics import Metrics
+from gateway.sending import StallClock
 
 LOGGER = logging.getLogger("upload_gateway.forward")
 READ_CHUNK = 256 * 1024
@@ -53,8 +54,9 @@ class _CountingHandler(ResponseHandler):
     reading it (its receive window full) would hold the request, its spool and its descriptor
     forever, and a few such requests fill ``spool.max_bytes``. Like nginx's
     ``proxy_send_timeout``, the clock runs only while the transport has stopped taking bytes
-    (``pause_writing``: only under backpressure, one timer per pause, nothing per chunk) and
-    restarts whenever the backend reads again; when it runs out the exchange is a timeout.
+    (``pause_writing``: only under backpressure, nothing per chunk) and restarts whenever the
+    backend takes any (:class:`gateway.sending.StallClock`); when it runs out the exchange is
+    a timeout.
     """
 
     received = 0
@@ -62,8 +64,9 @@ class _CountingHandler(ResponseHandler):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
         super().__init__(loop)
-        self._send_timeout = send_timeout
-        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_clock = (
+            StallClock(loop, send_timeout, self._send_timed_out) if send_timeout else None
+        )
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -71,26 +74,22 @@ class _CountingHandler(ResponseHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._send_timeout:
-            self._send_timer = self._loop.call_later(self._send_timeout, self._send_timed_out)
+        if self._send_clock is not None:
+            self._send_clock.start(self.transport)
 
     def resume_writing(self) -> None:
-        self._drop_send_timer()
+        if self._send_clock is not None:
+            self._send_clock.stop()
         super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._drop_send_timer()
+        if self._send_clock is not None:
+            self._send_clock.stop()
         super().connection_lost(exc)
-
-    def _drop_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
 
     def _send_timed_out(self) -> None:
         """The wait for the response fails as a timeout (504); the connection is aborted, not
         closed: a close would wait for the unsent bytes to drain, that is forever."""
-        self._send_timer = None
         self.set_exception(SocketTimeoutError("Timeout on sending the request body"))
         if self.transport is not None:
             self.transport.abort()

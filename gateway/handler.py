@@ -86,18 +86,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _serve(
     request: web.Request, state: GatewayState, config: Config, record: RequestRecord
 ) -> web.StreamResponse:
+    policy = request.path.startswith(POLICY_PREFIX)
     if is_preflight(request):
         if request.body_exists or "Transfer-Encoding" in request.headers:
             # A preflight never has a body (Fetch); the Secret exemption must not make OPTIONS
             # an unauthenticated way to send bytes to the backend.
             raise GatewayError("malformed_request", "a CORS preflight carries no body")
-        if request.path.startswith(POLICY_PREFIX):
+        if policy:
+            record.route = POLICY_ROUTE
             return preflight_response(request, config.cors, state.auth.config.header)
         return await _forward(request, state, config, record, identity=None, body=None)
+    if policy and request.method == "GET":
+        # answered (or refused: a 401, a 429) here: not proxied traffic, in metrics and log
+        record.route = POLICY_ROUTE
     identity = await state.auth.authenticate(request.headers, record.remote)
     record.client_id = identity.client_id
-    if request.path.startswith(POLICY_PREFIX) and request.method == "GET":
-        record.route = POLICY_ROUTE  # answered here: not proxied traffic, in metrics and log
+    if record.route == POLICY_ROUTE:
         response = policy_response(request, config, identity.claims, record.request_id)
         add_cors_headers(response, request, config.cors)  # SPEC §5: the widget must read it
         return response

@@ -10,8 +10,9 @@ times each head from its first byte (and a fresh connection from its accept, lik
 Nor has aiohttp a timeout for sending: a client that stops reading a response (its receive window
 shut) would hold the connection, its handler, the backend exchange and a pooled backend connection
 for ever, and ``backend.pool_size`` such clients would stall every request. Like nginx's
-``send_timeout``, :class:`GatewayProtocol` gives a client ``server.send_timeout`` to take more
-of a response once the transport stopped taking bytes, then aborts the connection.
+``send_timeout``, :class:`GatewayProtocol` aborts a connection whose client took no byte of what
+waits for it for ``server.send_timeout`` (:mod:`gateway.sending`: a slow but steady reader is
+never cut off), and the write waiting on it then fails instead of returning as if done.
 
 aiohttp bounds a head only per line (``max_line_size``, ``max_field_size``) and by count (128
 headers): ~1 MiB, which an unfinished head holds twice over for the whole head timeout (200 such
@@ -48,6 +49,7 @@ from gateway.errors import GatewayError, problem_body, problem_response
 from gateway.framing import check_framing
 from gateway.headers import new_request_id
 from gateway.metrics import Metrics
+from gateway.sending import StallClock
 
 LOGGER = logging.getLogger("upload_gateway")
 _TOO_MANY_HEADERS = "Too many headers received"
@@ -116,7 +118,7 @@ class GatewayProtocol(RequestHandler):
         self._parse_failed = False
         self._last_payload: StreamReader | None = None
         self._failed_body: StreamReader | None = None
-        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_clock = StallClock(self._loop, options.send_timeout, self._send_timed_out)
         self.send_timed_out = False  # the handler logs such a cut as send_timeout, not the client's
         self._chunks: ChunkCount | None = None  # the current body's, when it is chunked
         self._answered_body: StreamReader | None = None  # the last answered request's body
@@ -132,20 +134,21 @@ class GatewayProtocol(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
-        self._cancel_send_timer()
+        self._send_clock.stop()
+        if exc is None and self.send_timed_out:
+            # aiohttp wakes a write waiting for the buffer to drain with success when the
+            # connection ends without an error: the last write of a response would pass for
+            # delivered (logged 200). The gateway cut it: that write fails.
+            exc = ConnectionResetError("the client took nothing for server.send_timeout")
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The client stopped taking the response: the clock runs until it takes more (only
-        under backpressure: one timer per pause, nothing per write)."""
+        """The client's window is full: the stall clock watches whether it takes any more."""
         super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self._loop.call_later(
-                self._options.send_timeout, self._send_timed_out
-            )
+        self._send_clock.start(self.transport)
 
     def resume_writing(self) -> None:
-        self._cancel_send_timer()
+        self._send_clock.stop()
         super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
@@ -190,10 +193,21 @@ class GatewayProtocol(RequestHandler):
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         self._answered_body = request.content
+        declined = self._upgraded and not self._messages and self._payload_parser is None
+        if declined:
+            # A WebSocket upgrade asked for (the gateway proxies none): aiohttp held what came
+            # after it aside, to parse it here, past data_received's head and chunk counts (a
+            # body of 1-byte chunks behind it went through whole). It is dropped instead, and
+            # the connection closes once the answer is out (a client refused a 101 fails the
+            # WebSocket anyway).
+            self._message_tail = b""
+            if not resp.prepared:
+                resp.force_close()
         result = await super().finish_response(request, resp, start_time)
-        if resp.status == 408 or request.content is self._failed_body:
-            # The client stalled, or its body framing broke: nothing more worth reading, so
-            # skip aiohttp's lingering read (up to 10 s) and close once the answer is out.
+        if declined or resp.status == 408 or request.content is self._failed_body:
+            # The client stalled, or its body framing broke, or it asked for an upgrade:
+            # nothing more worth reading, so skip aiohttp's lingering read (up to 10 s) and
+            # close once the answer is out.
             self.force_close()
         return result
 
@@ -221,37 +235,35 @@ class GatewayProtocol(RequestHandler):
         which would then wait for the body timeout; fail it now, as the 400 it is."""
         if self._last_payload is None or self._last_payload.is_eof():
             return
-        self._failed_body = self._last_payload
         reason = _safe_reason(exc) if isinstance(exc, BadHttpMessage) else type(exc).__name__
-        self._last_payload.set_exception(
-            GatewayError("malformed_request", f"the body's chunked framing is invalid: {reason}")
+        self._refuse_body(
+            self._last_payload,
+            GatewayError("malformed_request", f"the body's chunked framing is invalid: {reason}"),
         )
-
-    def _cancel_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
 
     def _send_timed_out(self) -> None:
         """Aborted, not closed: a close would wait for the unsent bytes to drain, that is for
         ever. The pending write fails, the handler lets go of the backend's connection."""
-        self._send_timer = None
         self.send_timed_out = True
         if self.transport is not None:
             self.transport.abort()
 
     def _refuse_chunks(self, chunks: ChunkCount) -> None:
-        """A body of too many tiny chunks: its handler reads a 400 instead of the rest, and
-        the parser is fed nothing more. The body of a request already answered is being read
-        by aiohttp only to be discarded (its lingering read): close, and end that read, which
-        would otherwise find the connection closed and log an error."""
+        """A body of too many tiny chunks: refused, and the parser is fed nothing more."""
         chunks.refused = True
-        if chunks.reader is self._answered_body:
+        self._refuse_body(chunks.reader, chunks.error())
+
+    def _refuse_body(self, reader: StreamReader, error: GatewayError) -> None:
+        """Its handler reads ``error`` instead of the rest of the body. The body of a request
+        already answered is read by aiohttp only to be discarded (its lingering read), which an
+        error would end with an ERROR line and a traceback ("Unhandled exception"): close, and
+        end that read instead (no handler reads it: nothing is taken for complete)."""
+        if reader is self._answered_body:
             self.force_close()
-            chunks.reader.feed_eof()  # no handler reads it: nothing is taken for complete
+            reader.feed_eof()
             return
-        self._failed_body = chunks.reader
-        chunks.reader.set_exception(chunks.error())
+        self._failed_body = reader
+        reader.set_exception(error)
 
     # -- the head timer -------------------------------------------------------------------------
 
@@ -298,8 +310,11 @@ class GatewayProtocol(RequestHandler):
         self.force_close()
 
     def _idle(self) -> bool:
-        """No request is being answered: an answer written now cannot land inside another."""
-        return not self._request_in_progress and not self._messages
+        """No request queued or taken, or aiohttp waits for the next: an answer written now
+        cannot land before or inside another. (``_request_in_progress`` is not enough: a
+        request taken off the queue is not in progress until its task first runs, and uvloop
+        handles reads in between.)"""
+        return not self._messages and (self._waiter is not None or self._request_count == 0)
 
     def _send_refusal(self, error: GatewayError) -> None:
         """A problem+json answer for a head the parser never finished (so no handler runs)."""

@@ -66,6 +66,7 @@ class ConfigWatcher:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._requested: set[asyncio.Task[bool]] = set()
+        self._closed = False
 
     def _stat(self) -> tuple[float, int] | None:
         try:
@@ -78,6 +79,9 @@ class ConfigWatcher:
         self._task = asyncio.create_task(self._poll(), name="config-watcher")
 
     async def close(self) -> None:
+        """Stop watching, and end any reload (a thread already reading the file finishes on
+        its own; its result is dropped)."""
+        self._closed = True
         for task in [self._task, *self._requested]:
             if task is not None:
                 task.cancel()
@@ -85,7 +89,12 @@ class ConfigWatcher:
                     await task
 
     def request_reload(self) -> None:
-        """SIGHUP's handler: a signal handler cannot wait, so the reload runs as a task."""
+        """SIGHUP's handler: a signal handler cannot wait, so the reload runs as a task. The
+        handler stays installed while the worker drains (SIGHUP's default would kill it), so
+        once closed it is ignored: a reload then would be awaited by nobody, and the worker's
+        exit would wait for its thread."""
+        if self._closed:
+            return
         task = asyncio.get_running_loop().create_task(self.reload(), name="config-reload")
         self._requested.add(task)
         task.add_done_callback(self._requested.discard)

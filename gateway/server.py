@@ -118,14 +118,18 @@ def _protocol_options(config: Config, metrics: Metrics | None) -> ProtocolOption
 
 
 def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
-    """The admin listener's runner: the same head timer and send timeout as the proxy's (in
-    Kubernetes it listens on the pod's address for probes and scrapes, and aiohttp alone would
-    let a connection that never finishes its head stay open for ever), nothing counted."""
+    """The admin listener's runner: the same head timer, send timeout and keep-alive timeout as
+    the proxy's (in Kubernetes it listens on the pod's address for probes and scrapes, and
+    aiohttp alone would let a connection that never finishes its head stay open for ever, and
+    an idle one for an hour), nothing counted."""
     return GatewayRunner(
         build_admin_app(state),
         _protocol_options(config, None),
         handle_signals=False,
         access_log=None,
+        # the proxy's, not aiohttp's default of an hour: the head timer does not cover an
+        # idle keep-alive connection
+        keepalive_timeout=config.server.keepalive_timeout,
         lingering_time=LINGERING_SECONDS,
     )
 

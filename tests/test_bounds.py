@@ -27,6 +27,7 @@ POOL_WAIT = 0.5  # backend.connect_timeout: also the longest wait for a pooled c
 READ_TIMEOUT = 2.0
 SEND_TIMEOUT = 1.0
 HEADER_TIMEOUT = 1.0
+KEEPALIVE_TIMEOUT = 2.0  # above the header timeout: else it would end an unfinished head first
 BIG = 64 * 1024 * 1024  # far more than every buffer between backend and client together
 
 
@@ -40,7 +41,11 @@ def narrow(
     config["backend"].update(
         pool_size=1, connect_timeout=f"{POOL_WAIT}s", read_timeout=f"{READ_TIMEOUT}s"
     )
-    config["server"].update(send_timeout=f"{SEND_TIMEOUT}s", header_timeout=f"{HEADER_TIMEOUT}s")
+    config["server"].update(
+        send_timeout=f"{SEND_TIMEOUT}s",
+        header_timeout=f"{HEADER_TIMEOUT}s",
+        keepalive_timeout=f"{KEEPALIVE_TIMEOUT}s",
+    )
     gw = start_gateway(config, work)
     yield gw
     gw.stop()
@@ -120,6 +125,25 @@ def test_a_head_that_never_ends_on_the_admin_listener_is_cut_off(narrow: Gateway
     # the listener still serves, and such a refusal is not counted as proxy traffic
     samples = Samples(scrape(narrow))
     assert samples.by("rejections_total", "reason").get("header_timeout", 0) == 0
+
+
+def test_an_idle_keepalive_connection_on_the_admin_listener_is_closed_like_the_proxys(
+    narrow: GatewayProc,
+) -> None:
+    """The admin listener took aiohttp's keep-alive default (3630 s), not
+    ``server.keepalive_timeout``: an idle connection there, which the head timer does not
+    cover, held its descriptor for an hour."""
+    with socket.create_connection(("127.0.0.1", narrow.admin_port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        assert parse_response(read_response(sock, timeout=10)).status == 200
+        sock.settimeout(5 * KEEPALIVE_TIMEOUT)
+        try:
+            rest = sock.recv(1)
+        except ConnectionResetError:
+            rest = b""
+        except TimeoutError:
+            rest = b"still open"
+    assert rest == b"", "the idle connection was kept past server.keepalive_timeout"
 
 
 def test_a_body_on_the_policy_query_is_read_past_and_never_desyncs_keep_alive(

@@ -183,6 +183,36 @@ def test_bad_chunk_in_bytes_the_parser_held_back_is_refused_at_once(
     assert "chunked framing is invalid" in str(body_doc["detail"])
 
 
+def test_bad_chunk_in_a_body_read_only_to_be_discarded_closes_without_an_error_line(
+    gateway: GatewayProc, backend: BackendProc, secret: str
+) -> None:
+    """The policy query is answered without its body being read; aiohttp then reads on to
+    discard it (its lingering read). A chunk size that breaks there ended that read with the
+    gateway's own 400 error, which aiohttp logged as an ERROR "Unhandled exception" with a
+    traceback, for nothing but a client's bad bytes. Now the connection just closes, and
+    nothing pipelined behind the body is served."""
+    errors = gateway.log().count('"level": "ERROR"')
+    query = head(secret, "GET /_gateway/policy/default HTTP/1.1", CHUNKED) + b"5\r\nhello\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(query)
+        sock.settimeout(5)
+        answer = sock.recv(65536)
+        assert parse_response(answer).status == 200, answer[:300]
+        sock.sendall(b"zz\r\n" + pipelined(secret))  # broken, after the answer
+        rest, closed = b"", False
+        try:
+            while piece := sock.recv(65536):
+                rest += piece
+            closed = True
+        except ConnectionResetError:
+            closed = True
+    assert closed and responses(rest) == 0, rest[:300]
+    assert backend.records() == []
+    # the next request's access line is written after the gateway has left that connection
+    assert exchange(gateway.port, pipelined(secret)).startswith(b"HTTP/1.1 200 ")
+    assert gateway.log().count('"level": "ERROR"') == errors, "it logged an ERROR"
+
+
 def test_chunked_body_with_extensions_still_reaches_the_backend_intact(
     gateway: GatewayProc, backend: BackendProc, secret: str
 ) -> None:

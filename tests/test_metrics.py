@@ -347,3 +347,25 @@ def test_label_values_are_bounded(observed: Any) -> None:
         assert not any(sid in value for sid in ("101", "102", "104", "105", "106")), value
     routes = set(samples.by("requests_total", "route"))
     assert routes == {OBJECTS, CHILD, "proxy", "policy"}
+
+
+def test_policy_queries_refused_or_preflighted_are_counted_as_policy_not_proxy(
+    gateway: GatewayProc,
+) -> None:
+    """The gateway answers GET /_gateway/policy/{channel} and its preflight itself, and refuses
+    a query without a Secret itself: none of it is proxied traffic. Only an answered query was
+    labelled ``policy``; its 401s and its preflights were counted and logged as ``proxy``."""
+    before = Samples(scrape(gateway))
+    assert send(gateway.port, "GET", "/_gateway/policy/default").status == 401
+    preflight = {"Origin": "https://chat.example.com", "Access-Control-Request-Method": "GET"}
+    assert (
+        send(gateway.port, "OPTIONS", "/_gateway/policy/default", headers=preflight).status == 204
+    )
+    after = Samples(scrape(gateway))
+
+    def grew(route: str, method: str, status: str) -> float:
+        labels = {"route": route, "method": method, "status": status}
+        return after.get("requests_total", **labels) - before.get("requests_total", **labels)
+
+    assert grew("policy", "GET", "401") == 1 and grew("proxy", "GET", "401") == 0
+    assert grew("policy", "OPTIONS", "204") == 1 and grew("proxy", "OPTIONS", "204") == 0

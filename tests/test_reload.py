@@ -8,6 +8,7 @@ file of the same size and give it back the old mtime: the poller cannot tell it 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
@@ -281,6 +282,25 @@ async def test_a_loader_bug_fails_the_reload_and_keeps_watching(
     assert holder.last_error is not None and "ZeroDivisionError" in holder.last_error
     monkeypatch.setattr(module, "load_config", lambda _: Config())
     assert await watcher.reload() is True and holder.generation == 1
+
+
+async def test_a_sighup_while_the_worker_drains_starts_no_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP's handler stays installed during the drain (its default would kill the worker):
+    once the watcher is closed, a reload it started would be awaited and cancelled by nobody,
+    swap the config of a worker on its way out, and hold the worker's exit until its thread
+    had read the file (~5 s per MiB of YAML)."""
+    path = tmp_path / "policies.yaml"
+    path.write_text("{}")
+    holder, metrics = ConfigHolder(Config()), Metrics(CollectorRegistry())
+    watcher = module.ConfigWatcher(str(path), holder, metrics)
+    loads: list[str] = []
+    monkeypatch.setattr(module, "load_config", lambda p: loads.append(p) or Config())
+    await watcher.close()
+    watcher.request_reload()
+    await asyncio.gather(*asyncio.all_tasks() - {asyncio.current_task()})
+    assert loads == [] and holder.generation == 0
 
 
 async def test_the_restart_warning_compares_with_what_runs_not_with_the_last_reload(
