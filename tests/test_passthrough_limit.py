@@ -28,7 +28,7 @@ from tests.support.gateway_proc import (
     start_gateway,
 )
 from tests.support.procs import RedisServer
-from tests.support.rawhttp import parse_response
+from tests.support.rawhttp import parse_response, send_chunks_until_answered
 from tests.support.test_backend import pattern
 from tests.test_metrics import Samples, scrape
 
@@ -146,22 +146,9 @@ def test_a_chunked_body_growing_past_the_limit_is_cut_off_there(
 ) -> None:
     """No Content-Length to refuse up front: the gateway stops reading soon after the limit,
     and the backend, which had at most the limit, never sees the request complete."""
-    block = b"\0" * 65536
-    sent = 0
-    data = b""
     with socket.create_connection(("127.0.0.1", bounded.port)) as sock:
         sock.sendall(head(token, "POST", "/t/status/200", "Transfer-Encoding: chunked"))
-        sock.settimeout(0.5)
-        while sent < 20 * LIMIT and b"\r\n\r\n" not in data:
-            try:
-                sock.sendall(f"{len(block):x}\r\n".encode() + block + b"\r\n")
-                sent += len(block)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                break
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                data += sock.recv(65536)
-            sock.settimeout(0.5)
+        sent, data = send_chunks_until_answered(sock, 20 * LIMIT)
         with contextlib.suppress(ConnectionResetError):
             data += read_response(sock)
     assert sent < LIMIT + 8 * MiB, f"sent {sent} bytes before the refusal"

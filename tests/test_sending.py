@@ -55,16 +55,21 @@ def download(port: int, rate: int) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
         sock.connect(("127.0.0.1", port))
         sock.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        received = 0
-        while True:
-            try:
-                data = sock.recv(4 * KiB)
-            except ConnectionResetError:
-                return received
-            if not data:
-                return received
-            received += len(data)
-            time.sleep(len(data) / rate)
+        return read_slowly(sock, rate)
+
+
+def read_slowly(sock: socket.socket, rate: int) -> int:
+    """Read ``sock`` at ``rate`` bytes a second until its end or a reset; the bytes read."""
+    received = 0
+    while True:
+        try:
+            data = sock.recv(4 * KiB)
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += len(data)
+        time.sleep(len(data) / rate)
 
 
 async def test_a_client_reading_slowly_but_steadily_is_never_cut_off() -> None:
@@ -104,16 +109,7 @@ def slow_reader(listener: socket.socket, rate: int) -> int:
     the bytes read. A backend taking a request body slowly."""
     conn, _ = listener.accept()
     with conn:
-        received = 0
-        while True:
-            try:
-                data = conn.recv(4 * KiB)
-            except ConnectionResetError:
-                return received
-            if not data:
-                return received
-            received += len(data)
-            time.sleep(len(data) / rate)
+        return read_slowly(conn, rate)
 
 
 async def test_a_backend_reading_a_request_body_slowly_but_steadily_is_never_cut_off() -> None:

@@ -4,7 +4,6 @@ backend received nothing, and that no spool file is left (on disk or held open).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from tests.conftest import mint
 from tests.support.files import EXPECTED, FILENAMES, make, multipart
 from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
 from tests.support.procs import RedisServer
-from tests.support.rawhttp import parse_response
+from tests.support.rawhttp import parse_response, send_chunks_until_answered
 
 MiB = 1024 * 1024
 UPLOAD = "/streams/4711/objects"
@@ -394,24 +393,9 @@ def test_a_chunked_oversize_upload_is_cut_off_as_the_limit_is_crossed(
         f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     prefix = part_head.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + make("png")
-    block = b"\0" * 65536
-    sent = 0
     with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
         sock.sendall(head + f"{len(prefix):x}\r\n".encode() + prefix + b"\r\n")
-        sock.settimeout(0.5)
-        data = b""
-        while sent < 40 * MiB:
-            try:
-                sock.sendall(f"{len(block):x}\r\n".encode() + block + b"\r\n")
-                sent += len(block)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                break
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                data += sock.recv(65536)
-            sock.settimeout(0.5)
-            if b"\r\n\r\n" in data:
-                break
+        sent, data = send_chunks_until_answered(sock, 40 * MiB)
         if b"\r\n\r\n" not in data:
             data += _read_response(sock)
     assert parse_response(data).status == 413

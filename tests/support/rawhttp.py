@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 
@@ -48,3 +49,27 @@ def exchange(port: int, payload: bytes, timeout: float = 10.0, read_all: bool = 
 
 def request(port: int, payload: bytes, timeout: float = 10.0) -> RawResponse:
     return parse_response(exchange(port, payload, timeout))
+
+
+def send_chunks_until_answered(
+    sock: socket.socket, most: int, block_size: int = 65536
+) -> tuple[int, bytes]:
+    """Send zero-filled HTTP chunks of ``block_size`` on ``sock`` (its head and any first
+    chunk already sent) until the server answers, stops taking them, or ``most`` bytes went;
+    (body bytes sent, what was read back so far). A server that cuts a body off early answers
+    well before ``most``; the caller reads the rest of the answer."""
+    block = b"\0" * block_size
+    frame = f"{len(block):x}\r\n".encode() + block + b"\r\n"
+    sent, data = 0, b""
+    sock.settimeout(0.5)
+    while sent < most and b"\r\n\r\n" not in data:
+        try:
+            sock.sendall(frame)
+            sent += len(block)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            break
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            data += sock.recv(65536)
+        sock.settimeout(0.5)
+    return sent, data
