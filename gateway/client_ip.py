@@ -23,9 +23,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=1024)
 def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
-    """The configured proxies, parsed once per config (the loader has validated them)."""
+    """Address blocks parsed once: the trusted proxies of a config, a key's allow-list."""
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
@@ -35,27 +35,23 @@ def client_address(peer: str, headers: CIMultiDictProxy[str], trusted: tuple[str
     if not trusted:
         return peer  # the default: one attribute test per request
     nets = networks(trusted)
-    peer_ip = _parse(peer)
-    if peer_ip is None or not _within(peer_ip, nets):
+    peer_ip = parse_address(peer)
+    if peer_ip is None or not within(peer_ip, nets):
         return peer
-    getall = getattr(headers, "getall", None)
-    lines = (
-        getall("X-Forwarded-For", [])
-        if getall is not None
-        else [headers.get("X-Forwarded-For", "")]
-    )
+    lines = headers.getall("X-Forwarded-For", [])
     address = peer
     for hop in reversed([h for line in lines for h in line.split(",")]):
-        hop_ip = _parse(hop.strip())
+        hop_ip = parse_address(hop.strip())
         if hop_ip is None:
             break
         address = str(hop_ip)
-        if not _within(hop_ip, nets):
+        if not within(hop_ip, nets):
             break
     return address
 
 
-def _parse(text: str) -> Address | None:
+def parse_address(text: str) -> Address | None:
+    """An address, IPv4-mapped IPv6 read as the IPv4 it carries; None if ``text`` is none."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -65,5 +61,5 @@ def _parse(text: str) -> Address | None:
     return address
 
 
-def _within(address: Address, nets: tuple[Network, ...]) -> bool:
+def within(address: Address, nets: tuple[Network, ...]) -> bool:
     return any(address in net for net in nets)

@@ -13,8 +13,6 @@ keeps re-subscribing in the background (the cache stays off until it has).
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -25,6 +23,7 @@ from gateway.auth import ratelimit
 from gateway.auth.cache import RevocationListener, VerdictCache
 from gateway.auth.keystore import KeyRecord, KeyStore, digest
 from gateway.auth.secret import MISSING_TOKEN_CHALLENGE, SecretVerifier
+from gateway.client_ip import networks, parse_address, within
 from gateway.config.model import AuthConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -209,21 +208,11 @@ def task_cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-@functools.lru_cache(maxsize=1024)
-def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-
-
 def _check_ip(record: KeyRecord, client_ip: str) -> None:
     """Refuse a client IP outside the key's allow-list (an empty list allows every address)."""
     if not record.allow_ips:
         return
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        address = None
-    if address is not None and address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 for the allow-list
-    if address is not None and any(address in net for net in _networks(record.allow_ips)):
+    address = parse_address(client_ip)  # ::ffff:10.0.0.1 is 10.0.0.1 for the allow-list
+    if address is not None and within(address, networks(record.allow_ips)):
         return
     raise GatewayError("ip_not_allowed", "the client's IP address is not in the key's allow-list")
