@@ -328,9 +328,13 @@ def _supervise(config_path: str, config: Config, workers: int) -> int:
             now = time.monotonic()
             for slot in slots:
                 if slot.restart_at is not None:
-                    if now >= slot.restart_at:
+                    if now >= slot.restart_at and not stopping:
                         slot.initial = False
                         slot.start()
+                        if stopping:
+                            # SIGTERM came while it was being spawned: forward() saw the dead
+                            # process, and the new one would run until killed after the grace.
+                            os.kill(slot.proc.pid, signal.SIGTERM)
                     continue
                 if slot.proc.is_alive():
                     continue
