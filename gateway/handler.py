@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -213,14 +213,7 @@ def _passthrough_body(request: web.Request, config: Config) -> BodyStream | None
     length = request.content_length
     if limit and length is not None and length > limit:
         raise _passthrough_too_large(limit)
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    return BodyStream(
-        request.content,
-        config.server.body_timeout,
-        chunked,
-        limit=limit,
-        too_large=lambda: _passthrough_too_large(limit),
-    )
+    return _body_stream(request, config, limit, lambda: _passthrough_too_large(limit))
 
 
 def _passthrough_too_large(limit: int) -> GatewayError:
@@ -234,9 +227,14 @@ def _passthrough_too_large(limit: int) -> GatewayError:
     )
 
 
-def _body_stream(request: web.Request, config: Config) -> BodyStream:
+def _body_stream(
+    request: web.Request,
+    config: Config,
+    limit: int = 0,
+    too_large: Callable[[], GatewayError] | None = None,
+) -> BodyStream:
     chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    return BodyStream(request.content, config.server.body_timeout, chunked)
+    return BodyStream(request.content, config.server.body_timeout, chunked, limit, too_large)
 
 
 def _backend_headers(
