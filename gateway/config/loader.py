@@ -171,9 +171,24 @@ def _check_listeners_apart(reader: Reader, config: Config) -> None:
     ``/metrics`` and scrapes the proxy, each about half the time. Checked after the
     environment overrides, which can cause it; a host name is not resolved here."""
     proxy, admin = config.listen, config.admin_listen
-    overlap = proxy.host == admin.host or {proxy.host, admin.host} & _WILDCARD_HOSTS
-    if proxy.port == admin.port and overlap:
+    if proxy.port == admin.port and _hosts_overlap(proxy.host, admin.host):
         reader.error(None, "admin_listen", f"{admin} overlaps listen {proxy}: use another port")
+
+
+def _hosts_overlap(one: str, other: str) -> bool:
+    """Whether listeners on the two hosts (same port) would take each other's connections.
+
+    A wildcard takes every address of its own family only: asyncio binds IPv6 sockets
+    ``IPV6_V6ONLY``, so ``0.0.0.0`` and ``::1`` (or ``::``) are apart, as in nginx. A host
+    name is not resolved: it overlaps the same name and either wildcard.
+    """
+    try:
+        first, second = ipaddress.ip_address(one), ipaddress.ip_address(other)
+    except ValueError:
+        return one == other or bool({one, other} & _WILDCARD_HOSTS)
+    if first.version != second.version:
+        return False
+    return first == second or first.is_unspecified or second.is_unspecified
 
 
 def _backend(reader: Reader, node: Node, key: str) -> BackendConfig | None:
