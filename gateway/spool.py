@@ -89,6 +89,7 @@ class Spool:
         # A body announced (Content-Length) past the threshold would spill anyway: it goes to
         # its file from the first byte and leaves the memory budget to bodies that fit.
         self._to_disk = expected_size is not None and expected_size > config.memory_threshold
+        self._expected_size = expected_size
         self._memory: list[bytes] = []
         self._gather = bytearray()  # pieces under _SMALL_PIECE, joining _memory at MIN_RECORD
         self._held = 0  # bytes of _memory counted in the budget's memory share
@@ -163,7 +164,9 @@ class Spool:
 
     async def _spill(self, reason: str) -> None:
         """Create the encrypted file and move what memory held into it."""
-        self._file = await SpoolFile.create(self._config.dir, self._batch_records())
+        self._file = await SpoolFile.create(
+            self._config.dir, self._batch_records(), self._expected_size
+        )
         if self._metrics is not None:
             self._metrics.spool_spills.labels(reason=reason).inc()
         # Hand what memory held to the file piece by piece, so this upload never holds its

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -715,18 +714,6 @@ async def test_many_concurrent_uploads_against_a_small_memory_budget_all_pass_an
     head = chunked_head(agent, "/streams/budget/objects", ctype)
     assert await asyncio.to_thread(exchange, gw, head, as_chunks(body, 4096)) == 200
     assert spills(gw) == before, "some of the memory budget was never given back"
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a real ENOSPC (we run as root in the test sandbox, so mount works)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_full_disk_is_507_spool_full_and_the_space_comes_back(
