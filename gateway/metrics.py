@@ -77,6 +77,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
+        self.connections_refused = Counter(
+            p + "connections_refused_total",
+            "Client connections closed at once: the listener held server.max_connections.",
+            ["listener"],
+            registry=reg,
+        )
         self.uploads = Counter(
             p + "uploads_total",
             "Upload requests by channel, role and outcome.",

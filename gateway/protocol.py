@@ -42,11 +42,11 @@ from typing import Any
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client import Counter
 
 from gateway.accesslog import RequestRecord, log_request
 from gateway.chunking import ChunkCount
 from gateway.errors import GatewayError, problem_body, problem_response
-from gateway.framing import check_framing
 from gateway.headers import new_request_id
 from gateway.metrics import Metrics
 from gateway.sending import StallClock
@@ -62,47 +62,8 @@ class ProtocolOptions:
     metrics: Metrics | None  # None: refusals are not counted (the admin listener's own)
     send_timeout: float = 60.0
     max_head_size: int = 64 * 1024
-
-
-class GatewayServer(web.Server):
-    """aiohttp's low-level server, making a :class:`GatewayProtocol` for each connection.
-
-    Framing is checked here, before routing: the app's catch-all route never sees an
-    asterisk-form or authority-form target, which aiohttp would answer with a plain-text 404.
-    """
-
-    def __init__(self, base: web.Server, options: ProtocolOptions) -> None:
-        super().__init__(
-            self._checked,
-            request_factory=base.request_factory,
-            handler_cancellation=base.handler_cancellation,
-            **base._kwargs,  # the runner's protocol settings (sizes, timeouts, access log)
-        )
-        self._app_handler = base.request_handler
-        self._options = options
-
-    def __call__(self) -> RequestHandler:
-        return GatewayProtocol(self, self._options, loop=self._loop, **self._kwargs)
-
-    async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            check_framing(request)
-            if head_size(request) > self._options.max_head_size:
-                raise head_too_large(self._options.max_head_size)
-        except GatewayError as error:
-            return refuse(error, request.remote or "", self._options.metrics)
-        return await self._app_handler(request)
-
-
-class GatewayRunner(web.AppRunner):
-    """``AppRunner`` whose server speaks through :class:`GatewayProtocol`."""
-
-    def __init__(self, app: web.Application, options: ProtocolOptions, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._options = options
-
-    async def _make_server(self) -> web.Server:
-        return GatewayServer(await super()._make_server(), self._options)
+    max_connections: int = 0  # 0: no cap
+    refused: Counter | None = None  # counts connections closed past max_connections
 
 
 class GatewayProtocol(RequestHandler):

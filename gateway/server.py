@@ -23,10 +23,12 @@ from gateway.app import build_admin_app, build_app, build_state
 from gateway.collector import tune_collector
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
+from gateway.connections import ADMIN_CONNECTIONS, raise_descriptor_limit, refused_counter
+from gateway.listener import GatewayRunner
 from gateway.malloc import limit_arenas
 from gateway.metrics import Metrics
 from gateway.ports import first_unavailable
-from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
+from gateway.protocol import GatewayProtocol, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
 from gateway.supervisor import supervise
@@ -74,7 +76,7 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
     return GatewayRunner(
         build_app(state),
-        _protocol_options(config, state.metrics),
+        _protocol_options(config, state.metrics, "proxy", config.server.max_connections),
         handle_signals=False,
         access_log=None,
         auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
@@ -93,13 +95,17 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     )
 
 
-def _protocol_options(config: Config, metrics: Metrics | None) -> ProtocolOptions:
+def _protocol_options(
+    config: Config, metrics: Metrics, listener: str, max_connections: int
+) -> ProtocolOptions:
     server = config.server
     return ProtocolOptions(
         header_timeout=server.header_timeout,
-        metrics=metrics,
+        metrics=metrics if listener == "proxy" else None,  # the admin's refusals are not counted
         send_timeout=server.send_timeout,
         max_head_size=server.max_head_size,
+        max_connections=max_connections,
+        refused=refused_counter(metrics, listener),
     )
 
 
@@ -107,10 +113,11 @@ def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The admin listener's runner: the same head timer, send timeout and keep-alive timeout as
     the proxy's (in Kubernetes it listens on the pod's address for probes and scrapes, and
     aiohttp alone would let a connection that never finishes its head stay open for ever, and
-    an idle one for an hour), nothing counted."""
+    an idle one for an hour); its refusals are not proxy traffic and not counted, but the
+    connections it closes past its own cap are (``listener="admin"``)."""
     return GatewayRunner(
         build_admin_app(state),
-        _protocol_options(config, None),
+        _protocol_options(config, state.metrics, "admin", ADMIN_CONNECTIONS),
         handle_signals=False,
         access_log=None,
         # the proxy's, not aiohttp's default of an hour: the head timer does not cover an
@@ -127,6 +134,7 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     handlers are installed, so the supervisor can tell a worker that cannot start from one
     that crashed later.
     """
+    raise_descriptor_limit(config)
     state = build_state(config)
     runner = proxy_runner(state, config)
     admin_app_runner = admin_runner(state, config)

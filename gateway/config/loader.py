@@ -317,6 +317,7 @@ def _server(reader: Reader, node: Node, key: str) -> ServerConfig | None:
             "max_header_size": reader.size,
             "max_line_size": reader.size,
             "max_head_size": reader.size,
+            "max_connections": lambda n, k: reader.integer(n, k, minimum=0),
             "tls_cert_file": reader.string,
             "tls_key_file": reader.string,
             "trusted_proxies": lambda n, k: _networks(reader, n, k),

@@ -171,6 +171,7 @@ class ServerConfig:
     max_header_size: int = 8 * 1024
     max_line_size: int = 8 * 1024
     max_head_size: int = 64 * 1024  # the request line and every header together
+    max_connections: int = 4096  # per worker and listener; 0: no cap (gateway/connections.py)
     shutdown_grace: float = 30.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.protocol import GatewayProtocol, GatewayRunner, ProtocolOptions
+from gateway.listener import GatewayRunner
+from gateway.protocol import GatewayProtocol, ProtocolOptions
 
 
 @contextlib.asynccontextmanager

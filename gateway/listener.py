@@ -1,0 +1,71 @@
+"""A listener's connections: which protocol each accepted connection gets, and what is checked
+of a parsed head before the app routes it.
+
+aiohttp's ``AppRunner`` makes one low-level ``web.Server`` per listener, and the event loop
+calls it once per accepted connection. :class:`GatewayServer` answers that call with a
+:class:`~gateway.protocol.GatewayProtocol` (head timer, send timeout, head size, problem+json
+refusals), or, past ``server.max_connections``, with a connection that is closed at once
+(:mod:`gateway.connections`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from gateway.connections import RefusedConnection
+from gateway.errors import GatewayError
+from gateway.framing import check_framing
+from gateway.protocol import GatewayProtocol, ProtocolOptions, head_size, head_too_large, refuse
+
+
+class GatewayServer(web.Server):
+    """aiohttp's low-level server, making a :class:`GatewayProtocol` for each connection.
+
+    Framing is checked here, before routing: the app's catch-all route never sees an
+    asterisk-form or authority-form target, which aiohttp would answer with a plain-text 404.
+    """
+
+    def __init__(self, base: web.Server, options: ProtocolOptions) -> None:
+        super().__init__(
+            self._checked,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            **base._kwargs,  # the runner's protocol settings (sizes, timeouts, access log)
+        )
+        self._app_handler = base.request_handler
+        self._options = options
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # the loop needs no more
+        """The protocol for a connection just accepted.
+
+        ``_connections`` holds every connection whose protocol has not finished; the loop may
+        accept a batch of connections before any of theirs is counted, so the cap can be
+        passed by one such batch.
+        """
+        cap, refused = self._options.max_connections, self._options.refused
+        if cap and refused is not None and len(self._connections) >= cap:
+            return RefusedConnection(refused)
+        return GatewayProtocol(self, self._options, loop=self._loop, **self._kwargs)
+
+    async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            check_framing(request)
+            if head_size(request) > self._options.max_head_size:
+                raise head_too_large(self._options.max_head_size)
+        except GatewayError as error:
+            return refuse(error, request.remote or "", self._options.metrics)
+        return await self._app_handler(request)
+
+
+class GatewayRunner(web.AppRunner):
+    """``AppRunner`` whose server speaks through :class:`GatewayProtocol`."""
+
+    def __init__(self, app: web.Application, options: ProtocolOptions, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._options = options
+
+    async def _make_server(self) -> web.Server:
+        return GatewayServer(await super()._make_server(), self._options)
