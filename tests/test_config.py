@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -633,6 +634,27 @@ def test_listeners_of_different_families_share_a_port_number(listen: str, admin:
     env = {**ENV, "GATEWAY_LISTEN": listen, "GATEWAY_ADMIN_LISTEN": admin}
     config = load_config_text(BASE, env=env)
     assert config.listen.port == config.admin_listen.port == 8080
+
+
+def shipped_placeholder() -> str:
+    """The signing key deploy/kubernetes/secret.yaml ships, to be replaced before deploying."""
+    manifest = yaml.safe_load((REPO / "deploy/kubernetes/secret.yaml").read_text())
+    return str(manifest["stringData"]["signing-key"])
+
+
+def test_the_shipped_placeholder_signing_key_is_refused() -> None:
+    """Anyone who read the manifest could sign Secrets with it: not a key to run on."""
+    placeholder = shipped_placeholder()
+    (issue,) = issues_of(BASE, env={"GATEWAY_SIGNING_KEY": placeholder})
+    assert issue.key == "GATEWAY_SIGNING_KEY" and "placeholder" in issue.message
+    rotated = mutate(
+        "{default: {secret_env: GATEWAY_SIGNING_KEY}}",
+        "{default: {secret_env: GATEWAY_SIGNING_KEY}, old: {secret_env: OLD_SIGNING_KEY}}",
+    )
+    (issue,) = issues_of(rotated, env={**ENV, "OLD_SIGNING_KEY": f" {placeholder.lower()}\n"})
+    assert issue.key == "auth.keys.old.secret_env" and "OLD_SIGNING_KEY" in issue.message
+    assert issue.line == line_of(rotated, "keys:")
+    assert load_config_text(rotated, env={**ENV, "OLD_SIGNING_KEY": "a-real-old-key"})
 
 
 def test_bad_env_overrides_name_the_variable() -> None:

@@ -108,6 +108,20 @@ def _read_public_key(
     return pem
 
 
+# deploy/kubernetes/secret.yaml ships this value, to be replaced before deploying.
+PLACEHOLDER_PREFIX = "REPLACE-ME"
+_PLACEHOLDER_ERROR = (
+    "holds the placeholder of deploy/kubernetes/secret.yaml: set the platform's signing key"
+)
+
+
+def is_placeholder(secret: str) -> bool:
+    """A shared secret still the shipped placeholder: anyone who read the manifest could sign
+    Secrets with it (each still needs an active key from Redis, but one safeguard would be
+    gone), so the gateway refuses to start rather than run on it."""
+    return secret.strip().upper().startswith(PLACEHOLDER_PREFIX)
+
+
 def _signing_key(
     reader: Reader, kid: str, node: Node, key: str, algs: tuple[str, ...], require_secrets: bool
 ) -> SigningKey | None:
@@ -133,6 +147,9 @@ def _signing_key(
     if not secret and require_secrets and not overridden:
         reader.error(vnode, join(key, name), f"environment variable {value} is not set")
         return None
+    if secret and is_placeholder(secret) and not overridden:  # else the override's check says it
+        reader.error(vnode, join(key, name), f"{value} {_PLACEHOLDER_ERROR}")
+        return None
     wrapped = SecretValue(secret.encode()) if secret else None
     return SigningKey(kid, secret=wrapped, secret_env=value)
 
@@ -141,6 +158,9 @@ def apply_signing_key_override(reader: Reader, auth: AuthConfig) -> AuthConfig:
     """``GATEWAY_SIGNING_KEY`` is the shared secret of kid ``default`` (created if absent)."""
     secret = reader.env.get("GATEWAY_SIGNING_KEY")
     if not secret:
+        return auth
+    if is_placeholder(secret):
+        reader.error(None, "GATEWAY_SIGNING_KEY", f"GATEWAY_SIGNING_KEY {_PLACEHOLDER_ERROR}")
         return auth
     current = auth.keys.get("default")
     if current is not None and current.public_key_file is not None:
