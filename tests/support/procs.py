@@ -13,16 +13,45 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+# A port from free_port() is only free until its user binds it, often a process started a second
+# or more later, and the kernel may hand the same port to the next bind(("127.0.0.1", 0)) at
+# once (base_config's listen and admin_listen came out equal that way). So this process does not
+# hand out a port again within its last _RECENT answers, and under pytest-xdist each worker only
+# hands out its own share of the ports, so no two workers can be given the same one.
+_RECENT = 512
+_recent: deque[int] = deque(maxlen=_RECENT)
+
+
+def _xdist_share() -> tuple[int, int]:
+    """This pytest-xdist worker's (index, count) from the variables xdist sets; (0, 1) alone."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    return index % max(count, 1), max(count, 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on that no other test of this run will be given soon.
+
+    The share is decided on ``port // 2``: bind() to port 0 answers odd ports (the kernel keeps
+    even ones for connect()), so ``port % count`` would leave some workers no port at all.
+    """
+    index, count = _xdist_share()
+    for _ in range(100 * count):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if (port // 2) % count == index and port not in _recent:
+            _recent.append(port)
+            return port
+    raise RuntimeError(f"no free port in worker {index}'s share of {count}")
 
 
 def wait_for_port(
