@@ -15,14 +15,28 @@ from tests.support.gateway_proc import BackendProc, base_config, start_gateway
 from tests.support.procs import REPO, RedisServer, child_env, free_port
 
 
-def run_demo_that_cannot_start(**ports: str) -> tuple[str, str]:
+def private_checkout(tmp_path: Path) -> Path:
+    """The repository as run-demo.sh sees it, but with its own ``var/``: the script keeps its
+    logs (whose tail it prints, and the tests read), its signing key and its spool in ``var/``
+    of its checkout. With the repository's own, two of these tests at once in two xdist workers
+    (or one beside a developer's ``make run``) read each other's gateway.log and race on
+    creating var/signing-key. The script itself is the repository's (a symlink, not a copy)."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "run-demo.sh").symlink_to(REPO / "scripts" / "run-demo.sh")
+    for name in (".venv", "config"):
+        (root / name).symlink_to(REPO / name)
+    return root
+
+
+def run_demo_that_cannot_start(checkout: Path, **ports: str) -> tuple[str, str]:
     """Run ``make run``'s script with these ports, expecting it to give up; (stdout, stderr)."""
     env = child_env(**ports)
     for name in ("GATEWAY_CONFIG", "GATEWAY_REDIS_URL", "GATEWAY_BACKEND_URL"):
         env.pop(name, None)
     proc = subprocess.Popen(
         ["scripts/run-demo.sh"],
-        cwd=REPO,
+        cwd=checkout,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -40,12 +54,13 @@ def run_demo_that_cannot_start(**ports: str) -> tuple[str, str]:
     return stdout, stderr
 
 
-def test_demo_reports_a_gateway_that_could_not_start_and_exits_1() -> None:
+def test_demo_reports_a_gateway_that_could_not_start_and_exits_1(tmp_path: Path) -> None:
     holder = socket.socket()  # the proxy port, taken by someone else
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     try:
         _, stderr = run_demo_that_cannot_start(
+            private_checkout(tmp_path),
             GATEWAY_LISTEN=f"127.0.0.1:{holder.getsockname()[1]}",
             GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
             DEMO_REDIS_PORT=str(free_port()),
@@ -64,6 +79,7 @@ def test_demo_does_not_take_another_gateways_answers_for_its_own(
     other = start_gateway(base_config(redis_server.url, backend_proc.url, tmp_path / "spool"))
     try:
         _, stderr = run_demo_that_cannot_start(
+            private_checkout(tmp_path),
             GATEWAY_LISTEN=str(other.config["listen"]),
             GATEWAY_ADMIN_LISTEN=str(other.config["admin_listen"]),
             DEMO_REDIS_PORT=str(free_port()),
