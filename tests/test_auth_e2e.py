@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.auth.keystore import KeyStore, digest
 from tests.conftest import mint
+from tests.support.faults import wait_until
 from tests.support.gateway_proc import (
     SIGNING_KEY,
     BackendProc,
@@ -155,6 +156,7 @@ async def test_a_revocation_missed_while_the_subscription_was_down_is_not_served
     token = mint(second_gateway, api_key)
     assert (await get(second_gateway.url, token))[0] == 200  # an "active" verdict is cached
     names = KeyStore(None, str(second_gateway.config["redis"]["key_prefix"]))  # names only
+    logged = len(second_gateway.log())
     client = redis.Redis.from_url(redis_server.url)
     try:
         with client.pipeline(transaction=True) as pipe:  # one step: drop, revoke, announce
@@ -164,7 +166,13 @@ async def test_a_revocation_missed_while_the_subscription_was_down_is_not_served
             pipe.execute()
     finally:
         client.close()
-    time.sleep(1.5)  # the promise is 1 s; the listener has resubscribed by now
+    # Wait for the gateway to have noticed the drop (it logs it, then clears its cache, with no
+    # await between), not a fixed 1.5 s a busy machine may not give it. The bound stays far
+    # below cache_ttl (60 s): a verdict kept in the cache would still answer 200 below.
+    noticed = ("revocation subscription re-connected", "revocation subscription lost")
+    assert wait_until(
+        lambda: any(line in second_gateway.log()[logged:] for line in noticed), timeout=10
+    ), second_gateway.log()[logged:]
     assert [(await get(second_gateway.url, token))[0] for _ in range(3)] == [403, 403, 403]
     assert [rec["path"] for rec in backend.records()] == ["/t/status/200"]  # the first only
 
