@@ -50,6 +50,10 @@ from tests.test_metrics import Samples, scrape
 MiB = 1024 * 1024
 CACHE_TTL = 1.0
 READ_TIMEOUT = 1.0
+# roomy_gw's read_timeout, also its bound on a stalled send: above SLOW_READ_PAUSE by a margin a
+# loaded machine's scheduling delays do not eat (with 1.0 s against a 0.6 s pause the margin was
+# 0.4 s), while the four pauses of an 18 MiB slow read (4 x 1.3 s) still add up to more than two.
+ROOMY_READ_TIMEOUT = 2.5
 SPOOL_MAX = 4 * MiB
 
 
@@ -277,6 +281,7 @@ def roomy_gw(
     work = tmp_path_factory.mktemp("roomy")
     config = fault_config(fault_redis.url, fault_backend.url, work / "spool")
     config["spool"].update(memory_threshold="8MiB", memory_budget="32MiB", max_bytes="64MiB")
+    config["backend"]["read_timeout"] = f"{ROOMY_READ_TIMEOUT:g}s"
     gw = start_gateway(config, work)
     yield gw
     gw.stop()
@@ -304,7 +309,7 @@ async def test_a_backend_that_stops_reading_the_body_is_a_504_and_gives_the_spoo
     started = time.monotonic()
     try:
         status, doc, headers = await asyncio.wait_for(
-            upload(gw, agent, path, body, ctype), READ_TIMEOUT + 6
+            upload(gw, agent, path, body, ctype), ROOMY_READ_TIMEOUT + 6
         )
     except TimeoutError:
         status, doc, headers = 0, {}, {}
@@ -327,7 +332,7 @@ async def test_a_backend_reading_slowly_but_steadily_is_not_cut_off(
     started = time.monotonic()
     status, doc, _ = await upload(roomy_gw, agent, "/streams/slow-read/objects", body, ctype)
     assert status == 200, doc
-    assert time.monotonic() - started > 2 * READ_TIMEOUT
+    assert time.monotonic() - started > 2 * ROOMY_READ_TIMEOUT
     [rec] = backend.records("/streams/slow-read/")
     assert rec.complete and rec.sha256 == hashlib.sha256(body).hexdigest()
     assert wait_until(lambda: spool_bytes(roomy_gw) == 0)

@@ -10,7 +10,8 @@ The behaviour is chosen by the request path, so one backend serves every fault:
   the body and go on serving the connection, as RFC 9112 §9.3 allows
 * ``…/hang/…``           read the whole body, then never answer
 * ``…/stall-request/…``  read the head, then never read the body nor answer (until closed)
-* ``…/slow-read/…``      read the body with a 0.6 s pause after each 4 MiB, then answer
+* ``…/slow-read/…``      read the body with a :data:`SLOW_READ_PAUSE` s pause after each 4 MiB,
+  then answer
 * ``/fault/reset-response-length``   promise ``Content-Length: 1000000``, send 1,000 bytes, RST
 * ``/fault/reset-response-chunked``  chunked: one 1,000-byte chunk, then RST (no last chunk)
 * ``/fault/big/{n}``     send ``n`` bytes with a Content-Length (records how many went out)
@@ -91,6 +92,10 @@ EARLY = (
 )
 PARTIAL_READ = 64 * 1024
 SLOW_READ = 4 << 20
+# Well under the send bound of the gateway it is used with (test_faults: ROOMY_READ_TIMEOUT):
+# what the gateway sees as one stall is this pause plus however late this thread and the
+# gateway get the CPU back, which on a loaded machine can be some tenths of a second.
+SLOW_READ_PAUSE = 1.3
 
 
 @dataclass
@@ -280,7 +285,7 @@ class FaultBackend:
                 return
             rec.add(data)
             if "/slow-read/" in rec.path and rec.length % SLOW_READ == 0:
-                time.sleep(0.6)
+                time.sleep(SLOW_READ_PAUSE)
         rec.complete = True
 
     def _answer(self, conn: _Conn, rec: Received) -> bool:
