@@ -35,6 +35,7 @@ bench: deps-bench $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.auth_cost
 	$(BIN)/python -m bench.floor
+	$(BIN)/python -m bench.spool_file_cost
 
 soak: deps-run $(STAMP)
 	$(BIN)/python -m bench.soak
