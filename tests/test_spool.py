@@ -245,6 +245,34 @@ async def test_an_announced_body_gets_its_blocks_before_it_is_written(tmp_path: 
     assert spool_fds(tmp_path) == []
 
 
+async def test_blocks_given_ahead_are_taken_from_max_bytes_and_only_while_it_has_room(
+    tmp_path: Path,
+) -> None:
+    """``spool.max_bytes`` bounds the disk a worker holds: blocks given to announced bytes not
+    yet written count in it, else a burst of large announced bodies would hold far more disk
+    than it (a Kubernetes emptyDir sized to it would be exceeded). Without room, the file
+    grows as it is written, as before."""
+    body = pattern(3 * MAX_RECORD)
+    config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
+    budget = SpoolBudget(len(body) + MAX_RECORD)
+    first = Spool(config, budget, expected_size=len(body))
+    await first.write(body[:10])
+    assert budget.used == len(body)  # 10 written, the rest taken ahead
+    second = Spool(config, budget, expected_size=len(body))
+    await second.write(body[:10])  # no room for its blocks: no preallocation
+    fd = second.fileno()
+    assert fd is not None and os.fstat(fd).st_blocks == 0
+    assert budget.used == len(body) + 10
+    await first.write(body[10:])  # counted already: takes nothing more
+    assert budget.used == len(body) + 10
+    assert await read_all(first) == body
+    with pytest.raises(GatewayError):  # the second's body does not fit beside the first
+        await second.write(body[10:])
+    for spool in (first, second):
+        await spool.aclose()
+    assert budget.used == 0 and spool_fds(tmp_path) == []
+
+
 async def test_a_disk_without_room_for_an_announced_body_is_507_at_its_first_bytes(
     tmp_path: Path, tiny_disk: Path
 ) -> None:
