@@ -29,7 +29,8 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	# Three at once: most tests wait on sockets and timers, not the CPU (241 s serially, ~100 s).
-	$(BIN)/python -m pytest -n 3
+	# By file: a module's tests run in their serial order, with its gateway fixtures made once.
+	$(BIN)/python -m pytest -n 3 --dist loadfile
 
 bench: deps-bench $(STAMP)
 	$(BIN)/python -m bench.run

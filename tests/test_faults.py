@@ -256,6 +256,10 @@ async def test_a_hanging_backend_is_a_504_within_the_read_timeout(
 async def test_a_backend_resetting_mid_request_body_is_a_502_and_the_spool_is_released(
     fault_gw: GatewayProc, backend: FaultBackend, agent: str
 ) -> None:
+    # Warm pools first, as the other descriptor checks do: run alone (or first on its xdist
+    # worker), the gateway opened its pooled Redis connection during this test, one more
+    # descriptor than a baseline taken before any request.
+    await assert_still_serving(fault_gw, agent, backend)
     baseline = len(fds(fault_gw))
     body, ctype = pdf_upload(3 * MiB)
     status, doc, headers = await upload(
