@@ -14,8 +14,7 @@ The floors, per upload:
 
 * 20 MB (spooled): AES-256-GCM over 256 KiB records both ways (``encrypt_into`` and
   ``decrypt_into``, no allocation), and a new unlinked file in the bench's spool directory
-  given its blocks up front (as the gateway does for a body that announced its length), written
-  and read back in 1 MiB pieces and closed: the fewest syscalls the file can take.
+  written and read back in 1 MiB pieces and closed: the fewest syscalls the file can take.
 * 10 KB (kept in memory): python-multipart's parser over the body with no callbacks, and one
   libmagic sniff of the file's first 8 KiB.
 
@@ -41,7 +40,6 @@ from python_multipart.multipart import MultipartParser
 from bench import payloads
 from bench.inprocess import measure_paths
 from bench.stack import BENCH
-from gateway.spool_file import preallocate, stored_size
 
 RECORD = 256 * 1024
 FILE_PIECE = 1024 * 1024
@@ -81,7 +79,6 @@ def file_floor(data: bytes, directory: Path) -> Callable[[], None]:
     def work() -> None:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
         try:
-            preallocate(fd, stored_size(len(data)))  # as the gateway does for an announced body
             view = memoryview(data)
             for start in range(0, len(data), FILE_PIECE):
                 os.write(fd, view[start : start + FILE_PIECE])

@@ -3,10 +3,11 @@
 A 20 MB upload spends about half its CPU in the kernel, and the spool file is the largest part
 of what the pass-through does not pay. This times the file alone: 20 MB written as the
 gateway writes it (records of 256 KiB plus a 16-byte tag, ``pwrite``), read back (``preadv``)
-and closed, in a new unlinked file (the gateway before session 8), a new file given its blocks
-first (``fallocate``, the gateway now, for a body that announced its length), one made with
-``O_TMPFILE``, and one file written over again and again (what a pool of reused spool files
-would cost; not done: issue 4 has spool files removed on every path).
+and closed, in a new unlinked file (what the gateway does), a new file given its blocks first
+(``fallocate``: tried in session 8 for bodies that announced their length, and dropped,
+``bench/NOTES.md``), one made with ``O_TMPFILE``, and one file written over again and again
+(what a pool of reused spool files would cost; not done: issue 4 has spool files removed on
+every path).
 
     .venv/bin/python -m bench.spool_file_cost [--dir DIR]   # ~15 s; bench/results-spool-file.md
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.stack import BENCH
-from gateway.spool_file import STORED_RECORD, preallocate, stored_size
+from gateway.spool_file import STORED_RECORD
 
 RECORDS = 80  # 20 MiB of plaintext in 256 KiB records
 REPEAT = 40
@@ -65,12 +66,12 @@ def variants(directory: Path) -> dict[str, Callable[[], None]]:
 
     def allocated() -> int:
         fd = _new_file(directory)
-        preallocate(fd, stored_size(RECORDS * (STORED_RECORD - 16)))
+        os.posix_fallocate(fd, 0, RECORDS * STORED_RECORD)  # ext4 has fallocate(2): no zeros
         return fd
 
     return {
-        "new unlinked file (before session 8)": fresh(lambda: _new_file(directory)),
-        "new file, fallocate first (the gateway, announced bodies)": fresh(allocated),
+        "new unlinked file (the gateway)": fresh(lambda: _new_file(directory)),
+        "new file, fallocate first (tried, dropped)": fresh(allocated),
         "new file, O_TMPFILE": fresh(lambda: os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)),
         "one file written over (a reuse pool; not done)": lambda: _write_read(reused, record, back),
     }

@@ -65,15 +65,9 @@ class SpoolBudget:
         self.in_memory = max(0, self.in_memory - num_bytes)
 
     def reserve(self, num_bytes: int) -> None:
-        if not self.try_reserve(num_bytes):
-            raise spool_full("the gateway's spool is full; try again shortly")
-
-    def try_reserve(self, num_bytes: int) -> bool:
-        """Take ``num_bytes`` if they fit; False (nothing taken) when they do not."""
         if self.used + num_bytes > self.max_bytes:
-            return False
+            raise spool_full("the gateway's spool is full; try again shortly")
         self.used += num_bytes
-        return True
 
     def release(self, num_bytes: int) -> None:
         self.used = max(0, self.used - num_bytes)
@@ -95,8 +89,6 @@ class Spool:
         # A body announced (Content-Length) past the threshold would spill anyway: it goes to
         # its file from the first byte and leaves the memory budget to bodies that fit.
         self._to_disk = expected_size is not None and expected_size > config.memory_threshold
-        self._expected_size = expected_size
-        self._ahead = 0  # budget bytes taken for announced bytes not written yet (preallocated)
         self._memory: list[bytes] = []
         self._gather = bytearray()  # pieces under _SMALL_PIECE, joining _memory at MIN_RECORD
         self._held = 0  # bytes of _memory counted in the budget's memory share
@@ -124,10 +116,7 @@ class Spool:
             raise RuntimeError("write to a closed or sealed spool")
         if not chunk:
             return
-        if self._ahead:  # already counted when the file was given its blocks
-            self._take_ahead(len(chunk))
-        else:
-            self._budget.reserve(len(chunk))
+        self._budget.reserve(len(chunk))
         self.size += len(chunk)
         if self._metrics is not None:
             self._metrics.spool_bytes.inc(len(chunk))
@@ -172,38 +161,9 @@ class Spool:
             await self._file.seal()
             self._release_batch_share()
 
-    def _take_ahead(self, num_bytes: int) -> None:
-        """Count ``num_bytes`` written against what was taken ahead, the rest in the budget."""
-        beyond = num_bytes - self._ahead
-        if beyond > 0:
-            self._budget.reserve(beyond)  # may refuse: nothing is changed before it
-            self._ahead = 0
-        else:
-            self._ahead = -beyond
-
-    def _preallocation(self) -> int | None:
-        """The announced bytes to give the file blocks for, when ``spool.max_bytes`` has room
-        for the ones not written yet: they are taken from it now, so the disk a worker holds
-        stays within ``max_bytes`` however many announced bodies are in flight (a Kubernetes
-        ``emptyDir`` sized to it would otherwise be exceeded, and the pod evicted). Without
-        room the file grows as it is written, as any other."""
-        if self._expected_size is None:
-            return None
-        # The chunk being written was counted already (it is part of self.size).
-        ahead = self._expected_size - self.size
-        if ahead <= 0 or not self._budget.try_reserve(ahead):
-            return None
-        self._ahead = ahead
-        return self._expected_size
-
     async def _spill(self, reason: str) -> None:
         """Create the encrypted file and move what memory held into it."""
-        announced = self._preallocation()
-        try:
-            self._file = await SpoolFile.create(self._config.dir, self._batch_records(), announced)
-        except BaseException:
-            self._give_back_ahead()
-            raise
+        self._file = await SpoolFile.create(self._config.dir, self._batch_records())
         if self._metrics is not None:
             self._metrics.spool_spills.labels(reason=reason).inc()
         # Hand what memory held to the file piece by piece, so this upload never holds its
@@ -233,10 +193,6 @@ class Spool:
     def _release_batch_share(self) -> None:
         self._budget.release_memory(self._batch_held)
         self._batch_held = 0
-
-    def _give_back_ahead(self) -> None:
-        self._budget.release(self._ahead)
-        self._ahead = 0
 
     def _forget_memory(self, num_bytes: int) -> None:
         """Give back memory-budget share for bytes no longer held in ``_memory``."""
@@ -272,7 +228,6 @@ class Spool:
             return
         self.closed = True
         self._budget.release(self.size)
-        self._give_back_ahead()
         self._forget_memory(self._held)
         self._release_batch_share()
         if self._metrics is not None:

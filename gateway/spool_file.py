@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
@@ -54,21 +53,6 @@ LARGE_BATCH_RECORDS = 2
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _MADE_DIRS: set[str] = set()
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
-_FALLOC_FL_KEEP_SIZE = 1
-
-
-def _libc_fallocate() -> Any:
-    """Linux's ``fallocate(2)`` (``os.posix_fallocate`` writes zeros where it is missing)."""
-    try:
-        fallocate = ctypes.CDLL(None, use_errno=True)["fallocate"]
-    except (OSError, AttributeError):  # not glibc/Linux: files grow as they are written
-        return None
-    fallocate.restype = ctypes.c_int
-    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return fallocate
-
-
-_FALLOCATE = _libc_fallocate()
 
 
 def spool_full(detail: str) -> GatewayError:
@@ -113,18 +97,13 @@ class SpoolFile:
         self.sealed = False
 
     @classmethod
-    async def create(
-        cls, directory: str, batch_records: int, expected_size: int | None = None
-    ) -> SpoolFile:
-        """A new file in ``directory``, with room for ``expected_size`` plaintext bytes when
-        the body announced them (:func:`preallocate`); 507 when it cannot be created or the
-        disk has no such room."""
+    async def create(cls, directory: str, batch_records: int) -> SpoolFile:
+        """A new file in ``directory``; 507 when it cannot be created."""
         path = os.path.join(directory, f".spool-{secrets.token_hex(16)}")
-        stored = None if expected_size is None else stored_size(expected_size)
         try:
             # Create and unlink in one thread call: a cancellation while awaiting it cannot
             # separate the two and leave a file behind.
-            raw = await asyncio.to_thread(_create_unlinked, directory, path, stored)
+            raw = await asyncio.to_thread(_create_unlinked, directory, path)
         except OSError as exc:
             if exc.errno in _NO_ROOM:
                 raise spool_full("no disk space to spool the upload") from None
@@ -305,31 +284,8 @@ class SpoolFile:
                 await handle.close()
 
 
-def stored_size(plain: int) -> int:
-    """The most bytes ``plain`` bytes take on disk: every record but the last holds at least
-    :data:`MIN_RECORD` bytes, and each carries a tag."""
-    return plain + TAG_SIZE * (plain // MIN_RECORD + 1)
-
-
-def preallocate(fd: int, size: int) -> None:
-    """Give the file its blocks before it is written (the size it shows stays 0).
-
-    On ext4, 20 MB written into allocated blocks cost 7.1-7.3 instead of 8.1-8.8 ms of CPU
-    (written in 256 KiB records, read back, closed; ``bench/NOTES.md``, eighth round): the
-    kernel skips delayed allocation page by page. And a disk without room for the announced
-    body says so at its first bytes, not part-way through it. A filesystem that cannot
-    (``EOPNOTSUPP``) grows the file as it is written, as before.
-    """
-    if _FALLOCATE is None or _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0:
-        return
-    code = ctypes.get_errno()
-    if code in _NO_ROOM:
-        raise OSError(code, os.strerror(code))
-
-
-def _create_unlinked(directory: str, path: str, preallocate_bytes: int | None = None) -> BinaryIO:
-    """A new ``0600`` file (never through a planted symlink), already removed from ``directory``,
-    with ``preallocate_bytes`` bytes of blocks when given."""
+def _create_unlinked(directory: str, path: str) -> BinaryIO:
+    """A new ``0600`` file (never through a planted symlink), already removed from ``directory``."""
     if directory not in _MADE_DIRS:  # one makedirs per directory, not one per spill
         os.makedirs(directory, mode=0o700, exist_ok=True)
         _MADE_DIRS.add(directory)
@@ -343,8 +299,6 @@ def _create_unlinked(directory: str, path: str, preallocate_bytes: int | None = 
         fd = os.open(path, flags, 0o600)
     try:
         os.unlink(path)
-        if preallocate_bytes:
-            preallocate(fd, preallocate_bytes)
     except BaseException:
         os.close(fd)
         raise

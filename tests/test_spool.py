@@ -22,7 +22,6 @@ from gateway.spool_file import (
     STORED_RECORD,
     TAG_SIZE,
     SpoolFile,
-    stored_size,
 )
 
 LARGE_BATCH_EXTRA = (LARGE_BATCH_RECORDS - BATCH_RECORDS) * STORED_RECORD
@@ -226,71 +225,6 @@ async def test_a_body_announced_past_the_threshold_goes_to_disk_from_its_first_b
     await announced.aclose()
     await small.aclose()
     assert budget.in_memory == 0 and spool_fds(tmp_path) == []
-
-
-async def test_an_announced_body_gets_its_blocks_before_it_is_written(tmp_path: Path) -> None:
-    """Blocks allocated up front spare the filesystem's page-by-page allocation (ext4) and
-    ask the disk for the room once; the file's size still grows only as records are written."""
-    config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
-    body = pattern(3 * MAX_RECORD + 5)
-    spool = Spool(config, SpoolBudget(10**9), expected_size=len(body))
-    await spool.write(body[:10])
-    fd = spool.fileno()
-    assert fd is not None
-    info = os.fstat(fd)
-    assert info.st_size == 0 and info.st_blocks * 512 >= stored_size(len(body))
-    await spool.write(body[10:])
-    assert await read_all(spool) == body
-    await spool.aclose()
-    assert spool_fds(tmp_path) == []
-
-
-async def test_blocks_given_ahead_are_taken_from_max_bytes_and_only_while_it_has_room(
-    tmp_path: Path,
-) -> None:
-    """``spool.max_bytes`` bounds the disk a worker holds: blocks given to announced bytes not
-    yet written count in it, else a burst of large announced bodies would hold far more disk
-    than it (a Kubernetes emptyDir sized to it would be exceeded). Without room, the file
-    grows as it is written, as before."""
-    body = pattern(3 * MAX_RECORD)
-    config = SpoolConfig(str(tmp_path), memory_threshold=1000, max_bytes=10**9)
-    budget = SpoolBudget(len(body) + MAX_RECORD)
-    first = Spool(config, budget, expected_size=len(body))
-    await first.write(body[:10])
-    assert budget.used == len(body)  # 10 written, the rest taken ahead
-    second = Spool(config, budget, expected_size=len(body))
-    await second.write(body[:10])  # no room for its blocks: no preallocation
-    fd = second.fileno()
-    assert fd is not None and os.fstat(fd).st_blocks == 0
-    assert budget.used == len(body) + 10
-    await first.write(body[10:])  # counted already: takes nothing more
-    assert budget.used == len(body) + 10
-    assert await read_all(first) == body
-    with pytest.raises(GatewayError):  # the second's body does not fit beside the first
-        await second.write(body[10:])
-    for spool in (first, second):
-        await spool.aclose()
-    assert budget.used == 0 and spool_fds(tmp_path) == []
-
-
-async def test_a_disk_without_room_for_an_announced_body_is_507_at_its_first_bytes(
-    tmp_path: Path, tiny_disk: Path
-) -> None:
-    """Not after the client has sent the disk's worth of it; and the space is all back."""
-    config = SpoolConfig(str(tiny_disk), memory_threshold=1000, max_bytes=10**9)
-    budget = SpoolBudget(10**9)
-    spool = Spool(config, budget, expected_size=3 * 1024 * 1024)
-    with pytest.raises(GatewayError) as refused:
-        await spool.write(pattern(10))
-    assert refused.value.code == "spool_full" and not spool.on_disk
-    await spool.aclose()
-    disk = os.statvfs(tiny_disk)
-    assert disk.f_bfree == disk.f_blocks and spool_fds(tiny_disk) == []
-    fits = Spool(config, budget, expected_size=512 * 1024)  # announced within the disk: as before
-    await fits.write(pattern(512 * 1024))
-    assert await read_all(fits) == pattern(512 * 1024)
-    await fits.aclose()
-    assert budget.used == 0
 
 
 @pytest.mark.parametrize(
