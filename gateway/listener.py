@@ -43,7 +43,9 @@ class GatewayServer(web.Server):
 
         ``_connections`` holds every connection whose protocol has not finished; the loop may
         accept a batch of connections before any of theirs is counted, so the cap can be
-        passed by one such batch.
+        passed by one such batch. On a TLS listener the loop calls this at the accept but
+        makes the connection only after its handshake: connections still in their handshake
+        are not counted, and one refused here is closed only after its handshake.
         """
         cap, refused = self._options.max_connections, self._options.refused
         if cap and refused is not None and len(self._connections) >= cap:
