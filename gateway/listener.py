@@ -71,3 +71,37 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         return GatewayServer(await super()._make_server(), self._options)
+
+
+class ListenerSite(web.TCPSite):
+    """``TCPSite`` whose TLS handshakes must be done within ``handshake_timeout``.
+
+    The event loop gives a handshake 60 s by default, and until it is done the connection is
+    not the app's: it is neither timed by the head timer nor counted against
+    ``server.max_connections``, so a client that connects and never sends a ClientHello holds a
+    descriptor for a minute. nginx times the handshake with ``client_header_timeout``; so does
+    this (``server.header_timeout``). aiohttp's ``TCPSite`` has no such setting: ``start`` is
+    its own, with the one argument added.
+    """
+
+    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            return await super().start()
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]

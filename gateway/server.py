@@ -24,7 +24,7 @@ from gateway.collector import tune_collector
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.connections import ADMIN_CONNECTIONS, raise_descriptor_limit, refused_counter
-from gateway.listener import GatewayRunner
+from gateway.listener import GatewayRunner, ListenerSite
 from gateway.malloc import limit_arenas
 from gateway.metrics import Metrics
 from gateway.ports import first_unavailable
@@ -142,8 +142,14 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     await admin_app_runner.setup()
     listen, admin = config.listen, config.admin_listen
     tls = tls_context(config)
-    await web.TCPSite(
-        runner, listen.host, listen.port, reuse_port=True, backlog=1024, ssl_context=tls
+    await ListenerSite(
+        runner,
+        listen.host,
+        listen.port,
+        reuse_port=True,
+        backlog=1024,
+        ssl_context=tls,
+        handshake_timeout=config.server.header_timeout,
     ).start()
     await web.TCPSite(admin_app_runner, admin.host, admin.port, reuse_port=True).start()
     LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())

@@ -203,6 +203,33 @@ def permissive_port(pki: Pki) -> Iterator[int]:
     listener.close()
 
 
+def test_a_connection_that_never_starts_its_handshake_is_closed_after_the_header_timeout(
+    pki: Pki,
+    redis_server: RedisServer,
+    backend_proc: BackendProc,
+    tmp_path: Path,
+) -> None:
+    """Until its handshake is done a connection is not the app's: no head timer, not counted
+    against ``server.max_connections``. The loop's own default gave it 60 s; like nginx, the
+    handshake now has ``server.header_timeout``. A client that does handshake is served."""
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["server"].update(
+        {"tls_cert_file": str(pki.cert), "tls_key_file": str(pki.key), "header_timeout": "1s"}
+    )
+    gw = start_gateway(config, tmp_path)
+    try:
+        # No ClientHello: the read ends when the gateway closes the connection, or times out
+        # after 20 s (failing) where the loop's default would hold it for 60.
+        with (
+            socket.create_connection(("127.0.0.1", gw.port), timeout=20) as silent,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert silent.recv(1) == b"", "the gateway sent something to a silent client"
+        assert handshake(gw.port, client_context(pki))[0] in ("TLSv1.2", "TLSv1.3")
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_tls_1_2_and_1_3_clients_are_served_and_forwarded_as_https(
     tls_gateway: GatewayProc, backend: BackendProc, secret: str, pki: Pki, version: ssl.TLSVersion
