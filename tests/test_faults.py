@@ -249,7 +249,8 @@ async def test_a_hanging_backend_is_a_504_within_the_read_timeout(
     status, doc, headers = await upload(fault_gw, agent, "/streams/hang/objects", body, ctype)
     elapsed = time.monotonic() - started
     assert_problem(status, doc, headers, 504, "backend_timeout")
-    assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + 2, elapsed
+    # Closed by the read timeout, not never: the bound says which, not how promptly (noisy CI).
+    assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + 6, elapsed
     assert_released(fault_gw)
 
 
@@ -354,7 +355,7 @@ def test_a_backend_resetting_mid_response_leaves_the_client_a_visibly_broken_res
         sock.sendall(raw_head("GET", path, agent))
         started = time.monotonic()
         data = read_response(sock, timeout=10)
-        assert time.monotonic() - started < 5, (
+        assert time.monotonic() - started < 9, (  # read_response gives up at 10
             "the gateway must close, not leave the client hanging"
         )
         sock.settimeout(1)

@@ -24,7 +24,9 @@ from tests.support.rawhttp import RawResponse, exchange, parse_response
 HEADER_TIMEOUT = 1.0
 MB = 1024 * 1024
 BODY_TIMEOUT = 1.0
-SLACK = 1.5  # scheduling slack on a loaded CI machine
+# Scheduling slack on a loaded CI machine (three test files at a time, other work on 2 cores):
+# the bounds below tell "closed by the timeout" from "never closed", not how promptly.
+SLACK = 3.0
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d{3} ")
 
 
