@@ -120,6 +120,19 @@ def test_executables_only_where_named(config: Config) -> None:
     assert rules.judge_file(tools, facts("elf")) is None
 
 
+def test_a_scriptable_picture_only_where_named(config: Config) -> None:
+    """An SVG can carry a script a browser runs when the platform shows it inline: ``images``
+    and ``image/*`` mean pictures that are only pictures; naming the type or ``.svg`` admits it."""
+    svg = files.EXPECTED["svg"]
+    for entry in ("images", "image/*", "*/*"):
+        assert not types.matches_entry(entry, svg, ".svg")
+    for entry in ("image/svg+xml", ".svg"):
+        assert types.matches_entry(entry, svg, ".svg")
+    error = rules.judge_file(rules.effective_policy(config, "default", "agent"), facts("svg"))
+    assert error is not None and error.code == "type_not_allowed"
+    assert "can carry scripts" in error.detail and "image/svg+xml or .svg" in error.detail
+
+
 def test_sizes_and_where_they_come_from(config: Config) -> None:
     whatsapp = rules.effective_policy(config, "whatsapp", "agent")
     assert (whatsapp.max_file_size, whatsapp.max_file_size_source) == (

@@ -195,6 +195,17 @@ async def test_executables_are_refused_even_for_agents(
     assert_refused(gateway, backend, status, doc, headers, 415, doc["code"])
 
 
+async def test_an_svg_is_not_an_image_for_a_channel_that_allows_images(
+    gateway: GatewayProc, backend: BackendProc, agent_secret: str
+) -> None:
+    """Agents on ``default`` may send ``images``; an SVG with a script in it is refused there."""
+    status, doc, headers, _ = await post(gateway, agent_secret, [file_part("svg")])
+    assert_refused(gateway, backend, status, doc, headers, 415, "type_not_allowed")
+    assert doc["sniffed_type"] == "image/svg+xml" and doc["unValidActivity"] == 15
+    assert doc["allowed_types"] == ["images", "documents", "application/zip"]
+    assert "can carry scripts" in doc["detail"]
+
+
 async def test_a_type_the_role_may_not_send_is_refused_with_the_allowed_list(
     gateway: GatewayProc, backend: BackendProc, secret: str
 ) -> None:

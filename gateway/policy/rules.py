@@ -295,9 +295,14 @@ def check_allowed(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | N
     what = (
         "executables are" if types.is_executable(facts.sniffed_type) else f"{facts.sniffed_type} is"
     )
+    why = (
+        " (it can carry scripts: images and image/* do not admit it, image/svg+xml or .svg do)"
+        if types.normalise(facts.sniffed_type) in types.SCRIPTABLE_TYPES
+        else ""
+    )
     return GatewayError(
         "type_not_allowed",
-        f"{what} not allowed for {policy.role}s on channel {policy.channel!r} "
+        f"{what} not allowed for {policy.role}s on channel {policy.channel!r}{why} "
         f"(allowed: {', '.join(policy.allowed_types) or 'nothing'}; "
         f"set by {policy.allowed_types_source})",
         sniffed_type=facts.sniffed_type,

@@ -62,6 +62,11 @@ EXECUTABLE_EXTENSIONS = frozenset(
 """Names that run: a file called so is an executable whatever its content (blocked unless a
 channel names the extension or ``executables``)."""
 
+SCRIPTABLE_TYPES = frozenset({"image/svg+xml", "image/svg"})
+"""Pictures that can carry scripts a browser runs when the platform shows the file inline (an
+SVG's ``<script>`` and event handlers: stored XSS). Like executables, only entries that name
+them admit them: ``image/*`` and ``images`` mean pictures that are only pictures."""
+
 OFFICE_TYPES = frozenset(
     {
         "application/msword",
@@ -307,6 +312,7 @@ def matches_entry(entry: str, sniffed: str, extension: str) -> bool:
 
     Executables only match entries that name them exactly (the group, the MIME type, or the
     extension): ``application/*`` or ``*/*`` must not open a channel to programs by accident.
+    Nor do wildcards match :data:`SCRIPTABLE_TYPES` (SVG): ``image/svg+xml`` or ``.svg`` do.
     A file *named* as something that runs (:data:`EXECUTABLE_EXTENSIONS`) is one, whatever its
     content: only ``executables`` or its own extension admit it.
     """
@@ -325,5 +331,5 @@ def matches_entry(entry: str, sniffed: str, extension: str) -> bool:
             return mime in known
         return entry == extension and not executable
     if entry.endswith("/*"):
-        return not executable and mime.startswith(entry[:-1])
+        return not executable and mime not in SCRIPTABLE_TYPES and mime.startswith(entry[:-1])
     return normalise(entry) == mime

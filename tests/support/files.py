@@ -157,6 +157,16 @@ def empty() -> bytes:
     return b""
 
 
+def svg() -> bytes:
+    """A picture with a script in it: what a browser runs when the file is shown inline."""
+    return (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n'
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16">'
+        b'<script>fetch("/steal?c=" + document.cookie)</script>'
+        b'<rect width="16" height="16" fill="red"/></svg>\n'
+    )
+
+
 def elf() -> bytes:
     """A minimal 64-bit little-endian x86-64 ELF executable header (plus its program header)."""
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\x00" * 8
@@ -195,6 +205,7 @@ BUILDERS: dict[str, Callable[[], bytes]] = {
     "ogg": ogg,
     "text": text,
     "empty": empty,
+    "svg": svg,
     "elf": elf,
     "pe": pe,
 }
@@ -210,6 +221,7 @@ FILENAMES = {
     "ogg": "voice.ogg",
     "text": "notes.txt",
     "empty": "empty.txt",
+    "svg": "logo.svg",
     "elf": "tool",
     "pe": "setup.exe",
 }
@@ -225,6 +237,7 @@ EXPECTED = {
     "ogg": "audio/ogg",
     "text": "text/plain",
     "empty": "application/x-empty",
+    "svg": "image/svg+xml",
     "elf": "application/x-executable",
     "pe": "application/vnd.microsoft.portable-executable",
 }
