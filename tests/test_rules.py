@@ -10,7 +10,7 @@ from gateway.config.loader import load_config_text
 from gateway.config.model import Config, Role
 from gateway.errors import GatewayError
 from gateway.inspect.sniffer import Sniffer
-from gateway.policy import rules, types
+from gateway.policy import query, rules, types
 from tests.support import files
 
 MiB = 1024 * 1024
@@ -131,6 +131,29 @@ def test_a_scriptable_picture_only_where_named(config: Config) -> None:
     error = rules.judge_file(rules.effective_policy(config, "default", "agent"), facts("svg"))
     assert error is not None and error.code == "type_not_allowed"
     assert "can carry scripts" in error.detail and "image/svg+xml or .svg" in error.detail
+
+
+@pytest.mark.parametrize(
+    ("allowed", "exceptions"),
+    [
+        (["image/*", ".pdf"], ["image/svg", "image/svg+xml"]),
+        (["image/*", ".svg"], []),  # named by its extension: admitted after all
+        (["image/png", "application/pdf"], []),  # no wildcard, nothing to except
+        (
+            ["application/*"],
+            sorted(m for m in types.EXECUTABLE_TYPES if m.startswith("application/")),
+        ),
+        (["application/*", *types.GROUPS["executables"]], []),
+    ],
+)
+def test_the_policy_document_names_what_its_wildcards_do_not_admit(
+    allowed: list[str], exceptions: list[str]
+) -> None:
+    """A client building ``accept="image/*"`` from ``GET /_gateway/policy`` would let an SVG
+    through to a 415; the document lists such types, each of which the rules really refuse."""
+    assert query._wildcard_exceptions(allowed) == exceptions
+    for mime in exceptions:
+        assert not any(types.matches_entry(entry, mime, "") for entry in allowed)
 
 
 def test_sizes_and_where_they_come_from(config: Config) -> None:

@@ -526,6 +526,8 @@ async def test_clients_can_ask_for_their_policy(
         assert doc["role"] == "agent" and doc["channel"] == "whatsapp"
         assert doc["max_file_size"]["bytes"] == 16 * MiB
         assert "video/mp4" in doc["allowed_types"]["value"]
+        # "image/*" is allowed there, but not every image/ type: a client can tell before it sends
+        assert doc["allowed_types"]["not_matched_by_wildcards"] == ["image/svg", "image/svg+xml"]
         async with s.get(url, headers={"Authorization": f"Bearer {secret}"}) as r:
             assert (await r.json())["enabled"]["value"] is False
         async with s.get(url) as r:
