@@ -16,7 +16,7 @@ from gateway.config.model import Config, Role
 from gateway.policy.role import ROLES, role_from_claims
 from gateway.policy.routes import channel_key, path_segments
 from gateway.policy.rules import effective_policy
-from gateway.policy.types import EXECUTABLE_TYPES, EXTENSIONS, GROUPS, SCRIPTABLE_TYPES
+from gateway.policy.types import GROUPS, wildcard_exceptions
 
 POLICY_PREFIX = "/_gateway/policy/"
 
@@ -49,20 +49,9 @@ def policy_response(
         {member for entry in policy.allowed_types for member in GROUPS.get(entry, (entry,))}
     )
     body["allowed_types"]["expanded"] = expanded
-    body["allowed_types"]["not_matched_by_wildcards"] = _wildcard_exceptions(expanded)
+    body["allowed_types"]["not_matched_by_wildcards"] = wildcard_exceptions(expanded)
     return web.Response(
         body=json.dumps(body).encode(),
         content_type="application/json",
         headers={"X-Request-Id": request_id, "Cache-Control": "private, max-age=60"},
     )
-
-
-def _wildcard_exceptions(expanded: list[str]) -> list[str]:
-    """The types a ``x/*`` entry here looks as if it admitted but does not (executables,
-    scripts in pictures), unless another entry names them."""
-    prefixes = tuple(entry[:-1] for entry in expanded if entry.endswith("/*"))
-    if not prefixes:
-        return []
-    named = set(expanded).union(*(EXTENSIONS.get(entry, ()) for entry in expanded))
-    never = (EXECUTABLE_TYPES | SCRIPTABLE_TYPES) - named
-    return sorted(mime for mime in never if mime.startswith(prefixes))

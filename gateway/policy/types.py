@@ -333,3 +333,15 @@ def matches_entry(entry: str, sniffed: str, extension: str) -> bool:
     if entry.endswith("/*"):
         return not executable and mime not in SCRIPTABLE_TYPES and mime.startswith(entry[:-1])
     return normalise(entry) == mime
+
+
+def wildcard_exceptions(expanded: list[str]) -> list[str]:
+    """The types an ``x/*`` entry among ``expanded`` (allowed types, groups spelled out) looks
+    as if it admitted but :func:`matches_entry` does not (executables, scripts in pictures),
+    unless another entry names them: for the policy document a client reads."""
+    prefixes = tuple(entry[:-1] for entry in expanded if entry.endswith("/*"))
+    if not prefixes:
+        return []
+    named = set(expanded).union(*(EXTENSIONS.get(entry, ()) for entry in expanded))
+    never = (EXECUTABLE_TYPES | SCRIPTABLE_TYPES) - named
+    return sorted(mime for mime in never if mime.startswith(prefixes))
