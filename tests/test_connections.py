@@ -20,7 +20,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.connections import ADMIN_CONNECTIONS, descriptors_needed
-from tests.support.faults import wait_until
+from tests.support.faults import read_response, wait_until
 from tests.support.gateway_proc import (
     BackendProc,
     GatewayProc,
@@ -29,7 +29,6 @@ from tests.support.gateway_proc import (
     start_gateway,
 )
 from tests.support.procs import RedisServer
-from tests.support.rawhttp import parse_response
 from tests.test_metrics import Samples, scrape
 
 CAP = 3
@@ -48,23 +47,10 @@ def capped(
 
 
 def ask(sock: socket.socket, path: str, token: str = "") -> bytes:
-    """One keep-alive GET on ``sock``; the response head and body, or what came before EOF."""
+    """One keep-alive GET on ``sock``; the whole response, or what came before EOF or a reset."""
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n{auth}\r\n".encode())
-    sock.settimeout(5)
-    data = b""
-    while True:
-        if b"\r\n\r\n" in data:
-            length = int(parse_response(data).header("Content-Length") or 0)
-            if len(data.partition(b"\r\n\r\n")[2]) >= length:
-                return data
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
+    return read_response(sock, timeout=5)
 
 
 def served(port: int, path: str, token: str = "") -> bool:
