@@ -297,7 +297,7 @@ def check_allowed(policy: EffectivePolicy, facts: FileFacts) -> GatewayError | N
     )
     why = (
         " (it can carry scripts: images and image/* do not admit it, image/svg+xml or .svg do)"
-        if types.normalise(facts.sniffed_type) in types.SCRIPTABLE_TYPES
+        if types.is_scriptable(facts.sniffed_type)
         else ""
     )
     return GatewayError(

@@ -254,6 +254,10 @@ def is_executable(mime: str) -> bool:
     return normalise(mime) in EXECUTABLE_TYPES or mime in EXECUTABLE_TYPES
 
 
+def is_scriptable(mime: str) -> bool:
+    return normalise(mime) in SCRIPTABLE_TYPES
+
+
 def family(mime: str) -> str | None:
     """The coarse kind of content, for the spoofing check; ``None`` means "no evidence".
 
@@ -331,7 +335,7 @@ def matches_entry(entry: str, sniffed: str, extension: str) -> bool:
             return mime in known
         return entry == extension and not executable
     if entry.endswith("/*"):
-        return not executable and mime not in SCRIPTABLE_TYPES and mime.startswith(entry[:-1])
+        return not executable and not is_scriptable(mime) and mime.startswith(entry[:-1])
     return normalise(entry) == mime
 
 
