@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway.accesslog import JsonFormatter, set_log_level
 from gateway.app import build_admin_app, build_app, build_state
@@ -76,7 +77,12 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
     return GatewayRunner(
         build_app(state),
-        _protocol_options(config, state.metrics, "proxy", config.server.max_connections),
+        _protocol_options(
+            config,
+            state.metrics,
+            refused_counter(state.metrics, "proxy"),
+            config.server.max_connections,
+        ),
         handle_signals=False,
         access_log=None,
         auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
@@ -96,16 +102,18 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
 
 
 def _protocol_options(
-    config: Config, metrics: Metrics, listener: str, max_connections: int
+    config: Config, metrics: Metrics | None, refused: Counter, max_connections: int
 ) -> ProtocolOptions:
+    """``metrics`` counts the listener's refusals (None: not proxy traffic); ``refused`` the
+    connections closed past ``max_connections``."""
     server = config.server
     return ProtocolOptions(
         header_timeout=server.header_timeout,
-        metrics=metrics if listener == "proxy" else None,  # the admin's refusals are not counted
+        metrics=metrics,
         send_timeout=server.send_timeout,
         max_head_size=server.max_head_size,
         max_connections=max_connections,
-        refused=refused_counter(metrics, listener),
+        refused=refused,
     )
 
 
@@ -117,7 +125,7 @@ def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
     connections it closes past its own cap are (``listener="admin"``)."""
     return GatewayRunner(
         build_admin_app(state),
-        _protocol_options(config, state.metrics, "admin", ADMIN_CONNECTIONS),
+        _protocol_options(config, None, refused_counter(state.metrics, "admin"), ADMIN_CONNECTIONS),
         handle_signals=False,
         access_log=None,
         # the proxy's, not aiohttp's default of an hour: the head timer does not cover an
