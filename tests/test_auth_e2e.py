@@ -5,7 +5,9 @@ across two gateway processes sharing one Redis."""
 from __future__ import annotations
 
 import json
+import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import aiohttp
 import jwt
 import pytest
 import redis
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -289,6 +292,68 @@ async def test_ec_signing_keys_on_two_curves_refuse_a_mismatched_alg_with_401(
             )  # fmt: skip
             assert minted.returncode == 0, minted.stderr
             assert (await get(gw.url, minted.stdout.strip()))[0] == 200
+    finally:
+        gw.stop()
+
+
+def _es256(api_key: str, kid: str, private_file: Path) -> str:
+    """A Secret signed as the platform would, with the private half of an EC P-256 key."""
+    private = serialization.load_pem_private_key(private_file.read_bytes(), password=None)
+    payload = {"exp": int(time.time()) + 600, "client_secret": api_key}
+    return jwt.encode(payload, private, algorithm="ES256", headers={"kid": kid})
+
+
+def _config_generation(gw: GatewayProc) -> int:
+    with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as reply:
+        return int(json.loads(reply.read())["checks"]["config_generation"])
+
+
+def _reloaded(gw: GatewayProc, before: int) -> None:
+    assert wait_until(lambda: _config_generation(gw) > before, timeout=5), "no reload"
+
+
+async def test_a_reload_replaces_the_signing_keys_at_once(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """A leaked signing key is removed from the file (SECURITY.md): the verifier was built at
+    start and a reload kept it, so the key went on verifying Secrets, and a Secret it had
+    verified stayed remembered as verified, until every replica restarted. Now an edit that
+    removes its ``kid`` refuses its Secrets at once and one that adds a ``kid`` verifies with
+    it at once; a key file replaced under the same ``kid`` is read again on SIGHUP."""
+    old_private = _ec_key_files(tmp_path, "old", ec.SECP256R1())
+    new_private = _ec_key_files(tmp_path, "new", ec.SECP256R1())
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["auth"]["algorithms"] = ["HS256", "ES256"]
+    config["auth"]["keys"]["ec-old"] = {"public_key_file": str(tmp_path / "old.pem")}
+    gw = start_gateway(config, tmp_path)
+    try:
+        _, api_key = new_key(gw)
+        leaked = _es256(api_key, "ec-old", old_private)
+        fresh = _es256(api_key, "ec-new", new_private)
+        assert (await get(gw.url, leaked))[0] == 200  # verified, and remembered as verified
+        assert (await get(gw.url, fresh))[0] == 401
+        del config["auth"]["keys"]["ec-old"]
+        config["auth"]["keys"]["ec-new"] = {"public_key_file": str(tmp_path / "new.pem")}
+        generation = _config_generation(gw)
+        edited = gw.config_path.with_suffix(".new")
+        edited.write_text(yaml.safe_dump(config, sort_keys=False))
+        edited.replace(gw.config_path)  # the file poller sees it
+        _reloaded(gw, generation)
+        status, doc, _ = await get(gw.url, leaked)
+        assert (status, doc.get("code")) == (401, "invalid_secret")
+        assert "signing key (kid)" in doc["detail"]
+        assert (await get(gw.url, fresh))[0] == 200
+        assert "after a restart" not in gw.log()  # nothing left waiting for one
+
+        replaced_private = _ec_key_files(tmp_path, "new", ec.SECP256R1())  # over new.pem
+        replaced = _es256(api_key, "ec-new", replaced_private)
+        assert (await get(gw.url, replaced))[0] == 401  # the file is read on a reload only
+        generation = _config_generation(gw)
+        gw.signal(signal.SIGHUP)
+        _reloaded(gw, generation)
+        assert (await get(gw.url, replaced))[0] == 200
+        status, doc, _ = await get(gw.url, fresh)
+        assert (status, doc.get("code")) == (401, "invalid_secret")
     finally:
         gw.stop()
 

@@ -157,15 +157,16 @@ def test_editing_the_file_applies_new_allowed_types(reloading: Reloading) -> Non
 
 
 def test_a_reload_says_which_changed_settings_wait_for_a_restart(reloading: Reloading) -> None:
-    """A successful reload must not let an operator believe a new auth setting is in force."""
+    """A successful reload must not let an operator believe a new backend setting is in force."""
     r = reloading
     logged = len(r.gw.log())
     apply_by_edit(r, dump(with_agents(r.base, allowed_types=["documents"])))
     assert "take effect only after a restart" not in r.gw.log()[logged:]
     changed = with_agents(r.base, allowed_types=["documents"])
-    changed["auth"]["leeway"] = "30s"
+    changed["auth"]["leeway"] = "30s"  # applied by a reload: not named
+    changed["backend"]["read_timeout"] = "9s"
     apply_by_edit(r, dump(changed))
-    assert "take effect only after a restart: auth" in r.gw.log()[logged:]
+    assert 'take effect only after a restart: backend"' in r.gw.log()[logged:]
 
 
 def line_of(text: str, needle: str) -> int:

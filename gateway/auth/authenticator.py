@@ -63,6 +63,22 @@ class Authenticator:
         self._tasks: list[asyncio.Task[None]] = []
         self._lookups: dict[str, asyncio.Future[KeyRecord]] = {}
 
+    def apply(self, config: AuthConfig) -> bool:
+        """Verify with ``config`` from now on (a hot reload); True if anything changed.
+
+        A leaked signing key must stop verifying the moment its ``kid`` leaves the file, not
+        at the next restart. The new verifier starts with no Secrets remembered as verified, so
+        one verified under a removed or replaced key is checked again, and refused. Cached key
+        verdicts are dropped too: they were given a lifetime under the old ``cache_ttl``.
+        """
+        if config == self.config:
+            return False
+        verifier = SecretVerifier(config)  # built before anything changes: all or nothing
+        self.config, self._verifier = config, verifier
+        self.cache.ttl = config.cache_ttl
+        self.cache.clear()
+        return True
+
     @property
     def subscribed(self) -> asyncio.Event:
         """Set while revocations are being received (and the cache is therefore in use)."""
