@@ -1,23 +1,19 @@
-"""To the backend and back, streaming both ways through one pooled ``ClientSession``.
+"""To the backend and back, streaming both ways through the backend's pool (``backend_pool.py``).
 
 Bodies are never held whole here: a request body arrives as an async iterator (or, when the spool
 kept a small upload in memory in one piece, as that ``bytes``) and the response is copied chunk
-by chunk. aiohttp's client would normally decompress responses; that is off, so the client gets
-exactly the bytes the backend sent. Failures before the backend answered become problem+json
-(502/504); a failure after the response started can only be signalled by cutting the connection
-(:class:`ResponseAborted`), so a half response is never passed off as a whole one.
+by chunk. Failures before the backend answered become problem+json (502/504); a failure after
+the response started can only be signalled by cutting the connection (:class:`ResponseAborted`),
+so a half response is never passed off as a whole one.
 
 Like nginx, it adds nothing the backend did not send (aiohttp's default Content-Type is taken
 back off), frames a body without a length as the client's HTTP version allows (chunked, or by
-closing for HTTP/1.0), refuses a response header it could not relay unchanged (502), and never
-reuses a pooled connection that received bytes while idle (:class:`_CleanPoolConnector`). The
-session keeps no cookies: one client's ``Set-Cookie`` must never ride on another's request.
+closing for HTTP/1.0), and refuses a response header it could not relay unchanged (502).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -25,112 +21,19 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from aiohttp.client_exceptions import SocketTimeoutError
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.backend_pool import READ_CHUNK, BackendPool
 from gateway.body import next_piece
 from gateway.config.model import BackendConfig
 from gateway.errors import GatewayError
 from gateway.headers import end_to_end, has_undecodable_bytes
 from gateway.metrics import Metrics
-from gateway.sending import StallClock
 
 LOGGER = logging.getLogger("upload_gateway.forward")
-READ_CHUNK = 256 * 1024
 # Headers aiohttp's server computes itself for the response it writes.
 _RESPONSE_FRAMING = ("content-length",)  # Transfer-Encoding is hop-by-hop already
-
-
-class _CountingHandler(ResponseHandler):
-    """Counts the bytes a backend connection received, so the pool can tell whether any
-    arrived while it sat idle; and bounds how long sending may stall (``send_timeout``).
-
-    aiohttp's ``sock_read`` starts only once the request body is sent: a backend that stops
-    reading it (its receive window full) would hold the request, its spool and its descriptor
-    forever, and a few such requests fill ``spool.max_bytes``. Like nginx's
-    ``proxy_send_timeout``, the clock runs only while the transport has stopped taking bytes
-    (``pause_writing``: only under backpressure, nothing per chunk) and restarts whenever the
-    backend takes any (:class:`gateway.sending.StallClock`); when it runs out the exchange is
-    a timeout.
-    """
-
-    received = 0
-    released_at = -1
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
-        super().__init__(loop)
-        self._send_clock = (
-            StallClock(loop, send_timeout, self._send_timed_out) if send_timeout else None
-        )
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        super().data_received(data)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._send_clock is not None:
-            self._send_clock.start(self.transport)
-
-    def resume_writing(self) -> None:
-        if self._send_clock is not None:
-            self._send_clock.stop()
-        super().resume_writing()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._send_clock is not None:
-            self._send_clock.stop()
-        super().connection_lost(exc)
-
-    def _send_timed_out(self) -> None:
-        """The wait for the response fails as a timeout (504); the connection is aborted, not
-        closed: a close would wait for the unsent bytes to drain, that is forever."""
-        self.set_exception(SocketTimeoutError("Timeout on sending the request body"))
-        if self.transport is not None:
-            self.transport.abort()
-
-
-class _CleanPoolConnector(aiohttp.TCPConnector):
-    """Never hands out a pooled connection that received anything while idle.
-
-    Bytes that arrive on an idle keep-alive connection (a backend's late body after a 204/304,
-    bytes past its Content-Length, an unsolicited response) would be parsed and queued by
-    aiohttp and read by the next request as *its* response, and every later request on that
-    connection would get the previous one's (aio-libs/aiohttp#13656). nginx closes an idle
-    upstream connection on any unexpected data (``ngx_http_upstream_keepalive_close_handler``).
-    """
-
-    def __init__(
-        self, *, limit: int, keepalive_timeout: float, ssl: object, send_timeout: float
-    ) -> None:
-        super().__init__(limit=limit, keepalive_timeout=keepalive_timeout, ssl=ssl)  # type: ignore[arg-type]
-        self._factory = functools.partial(  # type: ignore[assignment]
-            _CountingHandler, loop=self._loop, send_timeout=send_timeout
-        )
-
-    def _release(
-        self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
-    ) -> None:
-        if isinstance(protocol, _CountingHandler):
-            protocol.released_at = protocol.received
-        super()._release(key, protocol, should_close=should_close)
-
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
-        while (conn := await super()._get(key, traces)) is not None:
-            proto = conn.protocol
-            if (
-                isinstance(proto, _CountingHandler)
-                and proto.received == proto.released_at
-                and not proto.should_close
-            ):
-                return conn
-            conn.close()  # dirty: never reuse it
-        return None
 
 
 class RelayedResponse(web.StreamResponse):
@@ -157,62 +60,50 @@ class ForwardResult:
 
 
 class Forwarder:
-    """Owns the backend connection pool; created and closed by the app's cleanup context."""
+    """Owns the backend pools; started and closed by the app's cleanup context, and given each
+    reloaded ``backend`` config (:meth:`apply`)."""
 
     def __init__(self, config: BackendConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
-        self._base = URL(config.url.rstrip("/"))
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: BackendPool | None = None
+        self._retired: set[BackendPool] = set()  # replaced, with exchanges still on them
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        ssl: bool | object = True
-        if self._base.scheme == "https":
-            import ssl as ssl_module
+        self._pool = BackendPool(self._config)
 
-            context = ssl_module.create_default_context(cafile=self._config.ca_file)
-            context.minimum_version = ssl_module.TLSVersion.TLSv1_2
-            if not self._config.verify_tls:
-                context.check_hostname = False
-                context.verify_mode = ssl_module.CERT_NONE
-            ssl = context
-        connector = _CleanPoolConnector(
-            limit=self._config.pool_size,
-            keepalive_timeout=30,
-            ssl=ssl,
-            send_timeout=self._config.read_timeout,  # nginx: proxy_send_timeout = read's
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # One session serves every client: its default jar would keep a cookie the backend
-            # set for one client and send it with the next client's request (it only refuses
-            # cookies from IP addresses, so this bites exactly when the backend has a name).
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                # ``connect`` also bounds the wait for a free pooled connection: without it a
-                # request queues for ever once ``pool_size`` exchanges are in flight (slow
-                # backend, clients not reading), holding its spool; then it is a 504.
-                connect=self._config.connect_timeout,
-                sock_connect=self._config.connect_timeout,
-                sock_read=self._config.read_timeout,
-            ),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            read_bufsize=READ_CHUNK,
-        )
+    def apply(self, config: BackendConfig) -> bool:
+        """New exchanges use ``config`` from now on; True if it differs. Exchanges under way
+        finish on the pool they began on, which is closed after the last of them."""
+        if config == self._config or self._pool is None:
+            self._config = config
+            return False
+        old, self._pool, self._config = self._pool, BackendPool(config), config
+        if old.exchanges:
+            self._retired.add(old)
+        else:
+            self._close_soon(old)
+        return True
+
+    def _close_soon(self, pool: BackendPool) -> None:
+        self._retired.discard(pool)
+        task = asyncio.get_running_loop().create_task(pool.close(), name="backend-pool-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        pools = [p for p in (self._pool, *self._retired) if p is not None]
+        self._pool = None
+        self._retired.clear()
+        await asyncio.gather(*(p.close() for p in pools), *self._closing)
 
     async def ping(self) -> bool:
         """Can we open a TCP connection to the backend? (``/readyz``; any HTTP answer counts)."""
+        base = URL(self._config.url)
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._base.host, self._base.port),
-                self._config.connect_timeout,
+                asyncio.open_connection(base.host, base.port), self._config.connect_timeout
             )
         except (OSError, TimeoutError):
             return False
@@ -234,8 +125,27 @@ class Forwarder:
         that failed while being sent as its own ``ClientOSError``, and a client that vanished
         mid-body is not the backend's failure, to log or to count (an operator alerts on
         ``backend_errors_total``). That error is raised instead, for the handler to answer."""
-        assert self._session is not None, "Forwarder.start() was not awaited"
-        url = URL(str(self._base) + request.raw_path, encoded=True)
+        pool = self._pool
+        assert pool is not None, "Forwarder.start() was not awaited"
+        pool.exchanges += 1
+        try:
+            return await self._exchange(pool, request, headers, body, route, result, client_error)
+        finally:
+            pool.exchanges -= 1
+            if not pool.exchanges and pool in self._retired:
+                self._close_soon(pool)
+
+    async def _exchange(
+        self,
+        pool: BackendPool,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | bytes | None,
+        route: str,
+        result: ForwardResult,
+        client_error: Callable[[], BaseException | None],
+    ) -> web.StreamResponse:
+        url = URL(str(pool.base) + request.raw_path, encoded=True)
         if request.method == "HEAD":
             # A backend that wrongly sends a body after a HEAD answer would leave bytes in a
             # pooled connection for the next request to read as its response (a desync that
@@ -243,7 +153,7 @@ class Forwarder:
             headers["Connection"] = "close"
         started = time.monotonic()
         try:
-            backend = await self._session.request(
+            backend = await pool.session.request(
                 request.method,
                 url,
                 headers=headers,

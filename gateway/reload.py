@@ -2,8 +2,10 @@
 
 A new file is loaded and validated completely before it replaces the running config; a bad one
 leaves the old policy in force, is logged with its YAML lines and counted, and shows on
-``/readyz``. Requests already running keep the config object they started with. The ``auth``
-section is applied too: removing a leaked signing key's ``kid`` must not wait for a restart.
+``/readyz``. Requests already running keep the config object they started with (and an
+exchange with the backend finishes on the pool it began on). What the worker built from the file
+at start is rebuilt where it changed (``GatewayState.rebuild``): removing a leaked signing key's
+``kid``, or pointing ``backend`` elsewhere, must not wait for a restart.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
 from gateway.accesslog import set_log_level
-from gateway.auth.authenticator import Authenticator
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.metrics import Metrics
@@ -28,12 +30,12 @@ SETTLE_SECONDS = 0.1
 
 def fixed_at_start(old: Config, new: Config) -> list[str]:
     """The settings a reload does not apply (README, Configuration) that differ in ``new``:
-    a successful reload must not let an operator believe a new backend or Redis is in use.
+    a successful reload must not let an operator believe a new Redis or listener is in use.
     ``old`` is the config the process started with: those settings still come from it, however
     many reloads came between, so a reload that puts one back is not warned about."""
     changed = [
         name
-        for name in ("listen", "admin_listen", "backend", "redis")
+        for name in ("listen", "admin_listen", "redis")
         if getattr(old, name) != getattr(new, name)
     ]
     if (old.spool.max_bytes, old.spool.memory_budget) != (
@@ -65,12 +67,12 @@ class ConfigWatcher:
         path: str,
         holder: ConfigHolder,
         metrics: Metrics,
-        auth: Authenticator | None = None,
+        rebuild: Callable[[Config], None] | None = None,
     ) -> None:
         self._path = path
         self._holder = holder
         self._metrics = metrics
-        self._auth = auth
+        self._rebuild = rebuild
         self._mtime = self._stat()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -131,11 +133,11 @@ class ConfigWatcher:
         return False
 
     def _apply(self, config: Config) -> None:
-        """Swap in ``config``; the auth settings and the policy change together (nothing awaits
+        """Swap in ``config``; what is rebuilt from it changes with the policy (nothing awaits
         in between, so no request sees one without the other)."""
         fixed = fixed_at_start(self._holder.started, config)
-        if self._auth is not None and self._auth.apply(config.auth):
-            LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
+        if self._rebuild is not None:
+            self._rebuild(config)
         if config.log_level != self._holder.current.log_level:
             set_log_level(config.log_level)  # neither a request's setting nor fixed at start
         self._holder.swap(config)

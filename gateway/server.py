@@ -161,7 +161,7 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     ).start()
     await web.TCPSite(admin_app_runner, admin.host, admin.port, reuse_port=True).start()
     LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())
-    watcher = ConfigWatcher(config_path, state.config, state.metrics, state.auth)
+    watcher = ConfigWatcher(config_path, state.config, state.metrics, state.rebuild)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from gateway.auth.authenticator import Authenticator
 from gateway.config.model import Config
+from gateway.connections import raise_descriptor_limit
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
-from gateway.redis_client import RedisClient
+from gateway.redis_client import RedisClient, display_url
 from gateway.spool import SpoolBudget
+
+LOGGER = logging.getLogger("upload_gateway.reload")
 
 
 @dataclass
@@ -44,6 +48,15 @@ class GatewayState:
     redis: RedisClient
     spool_budget: SpoolBudget
     draining: bool = False
+
+    def rebuild(self, config: Config) -> None:
+        """Rebuild what the worker built from the config at start, where a reloaded ``config``
+        changes it: the Secret verifier (``auth``) and the backend pool (``backend``)."""
+        if self.auth.apply(config.auth):
+            LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
+        if self.forwarder.apply(config.backend):
+            raise_descriptor_limit(config)  # a larger pool_size needs its descriptors
+            LOGGER.info("backend applied: %s", display_url(config.backend.url))
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

@@ -31,11 +31,13 @@ from gateway.config.model import Config
 from gateway.metrics import Metrics
 from gateway.state import ConfigHolder
 from tests.support import files
+from tests.support.faults import established_to, raw_head, wait_until
 from tests.support.gateway_proc import (
     SIGNING_KEY,
     BackendProc,
     GatewayProc,
     base_config,
+    start_backend,
     start_gateway,
 )
 from tests.support.procs import RedisServer
@@ -157,16 +159,17 @@ def test_editing_the_file_applies_new_allowed_types(reloading: Reloading) -> Non
 
 
 def test_a_reload_says_which_changed_settings_wait_for_a_restart(reloading: Reloading) -> None:
-    """A successful reload must not let an operator believe a new backend setting is in force."""
+    """A successful reload must not let an operator believe a new Redis is in use."""
     r = reloading
     logged = len(r.gw.log())
     apply_by_edit(r, dump(with_agents(r.base, allowed_types=["documents"])))
     assert "take effect only after a restart" not in r.gw.log()[logged:]
     changed = with_agents(r.base, allowed_types=["documents"])
     changed["auth"]["leeway"] = "30s"  # applied by a reload: not named
-    changed["backend"]["read_timeout"] = "9s"
+    changed["backend"]["read_timeout"] = "9s"  # likewise
+    changed["redis"]["timeout"] = "9s"
     apply_by_edit(r, dump(changed))
-    assert 'take effect only after a restart: backend"' in r.gw.log()[logged:]
+    assert 'take effect only after a restart: redis"' in r.gw.log()[logged:]
 
 
 def line_of(text: str, needle: str) -> int:
@@ -308,9 +311,10 @@ async def test_the_restart_warning_compares_with_what_runs_not_with_the_last_rel
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The settings fixed at start were compared with the previous reload's file: once a
-    warned change (``backend.read_timeout``) had been reloaded, the next reload (a limit)
+    warned change (``redis.timeout``) had been reloaded, the next reload (a limit)
     said nothing although the file still differed from what the process runs, and putting
-    the running value back warned that it waited for a restart."""
+    the running value back warned that it waited for a restart. (``backend`` has been applied
+    by a reload since; ``redis`` is still fixed.)"""
     monkeypatch.setenv("GATEWAY_SIGNING_KEY", SIGNING_KEY)
     base = base_config("redis://127.0.0.1:9/0", "http://127.0.0.1:9", tmp_path / "spool")
     path = tmp_path / "policies.yaml"
@@ -326,10 +330,10 @@ async def test_the_restart_warning_compares_with_what_runs_not_with_the_last_rel
         return [r.getMessage() for r in caplog.records if "after a restart" in r.getMessage()]
 
     slower = copy.deepcopy(base)
-    slower["backend"]["read_timeout"] = "9s"
-    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(slower)] == ["backend"]
+    slower["redis"]["timeout"] = "9s"
+    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(slower)] == ["redis"]
     limited = with_agents(slower, max_file_size=2000)
-    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(limited)] == ["backend"]
+    assert [w.rsplit(": ", 1)[1] for w in await restart_warnings(limited)] == ["redis"]
     assert holder.current.channels["default"].agents.max_file_size == 2000  # the rest applies
     assert await restart_warnings(base) == []  # the file agrees with what runs again
 
@@ -357,6 +361,48 @@ def test_a_reload_applies_a_new_log_level(
     finally:
         gw.stop()
     assert "level-before" not in gw.log()
+
+
+def test_a_reload_sends_new_exchanges_to_a_new_backend_and_lets_running_ones_finish(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``backend`` was fixed at start: pointing it elsewhere (a moved service, a new timeout)
+    needed every replica restarted. A reload now opens a new pool for new exchanges; one
+    already talking to the old backend finishes there, whole, and the old pool's connections
+    are closed after it, as nginx's old workers finish their requests after a reload."""
+    old, new = start_backend(tmp_path / "old-store"), start_backend(tmp_path / "new-store")
+    base = observed_config(redis_server, old, tmp_path, "ugw-reload-backend")
+    gw = start_gateway(copy.deepcopy(base), tmp_path)
+    try:
+        secret = mint(gw, new_key(gw, "reload-backend"), "role=agent")
+        streaming = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        streaming.sendall(raw_head("POST", "/t/echo", secret, "text/plain", chunked=True))
+        streaming.sendall(b"5\r\nfirst\r\n")  # a pass-through body streams to the backend
+        assert streaming.recv(12) == b"HTTP/1.1 200"  # the echo answered: the exchange is on
+        moved = copy.deepcopy(base)
+        moved["backend"]["url"] = new.url
+        write_atomically(gw.config_path, dump(moved))
+        wait_for(
+            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
+        )
+        assert send(gw.port, "GET", "/t/status/204", headers=bearer(secret)).status == 204
+        assert [r["path"] for r in new.records()] == ["/t/status/204"]
+        streaming.sendall(b"4\r\nlast\r\n0\r\n\r\n")
+        streaming.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"0\r\n\r\n"):
+            piece = streaming.recv(65536)
+            assert piece, f"the exchange was cut: {answer!r}"
+            answer += piece
+        streaming.close()
+        assert answer.split(b"\r\n\r\n", 1)[1] == b"5\r\nfirst\r\n4\r\nlast\r\n0\r\n\r\n"
+        assert [r["path"] for r in old.records()] == ["/t/echo"]
+        assert wait_until(lambda: established_to(old.port) == 0, timeout=5), "old pool still open"
+        assert "after a restart" not in gw.log()
+    finally:
+        gw.stop()
+        old.stop()
+        new.stop()
 
 
 def test_a_large_file_is_read_while_the_worker_keeps_answering(reloading: Reloading) -> None:

@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from gateway.forward import _CountingHandler
+from gateway.backend_pool import _CountingHandler
 from gateway.protocol import ProtocolOptions
 from tests.support.inprocess import serving
 

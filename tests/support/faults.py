@@ -486,6 +486,19 @@ def open_fds(pid: int) -> dict[str, str]:
     return out
 
 
+def established_to(port: int) -> int:
+    """Established TCP connections on this machine whose far end is local ``port``: what a
+    connection pool still holds open to a backend listening there."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
