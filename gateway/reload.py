@@ -38,11 +38,6 @@ def fixed_at_start(old: Config, new: Config) -> list[str]:
         for name in ("listen", "admin_listen", "redis")
         if getattr(old, name) != getattr(new, name)
     ]
-    if (old.spool.max_bytes, old.spool.memory_budget) != (
-        new.spool.max_bytes,
-        new.spool.memory_budget,
-    ):
-        changed.append("spool.max_bytes/memory_budget")
     if _fixed_server(old) != _fixed_server(new):
         changed.append("server (all but body_timeout and trusted_proxies)")
     return changed

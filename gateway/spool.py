@@ -53,6 +53,15 @@ class SpoolBudget:
         self.used = 0
         self.in_memory = 0
 
+    def resize(self, max_bytes: int, memory_bytes: int) -> bool:
+        """New limits from a reload; True if they differ. What uploads in flight hold stays
+        counted: lowered below it, the budget refuses (or spills) new bytes until enough of
+        them are released, and nothing already taken is cut off."""
+        if (max_bytes, memory_bytes) == (self.max_bytes, self.memory_bytes):
+            return False
+        self.max_bytes, self.memory_bytes = max_bytes, memory_bytes
+        return True
+
     def hold_in_memory(self, num_bytes: int, keep_free: int = 0) -> bool:
         """Take ``num_bytes`` of the memory budget if it has room (leaving ``keep_free`` of it
         untaken); False means: spill."""

@@ -51,12 +51,19 @@ class GatewayState:
 
     def rebuild(self, config: Config) -> None:
         """Rebuild what the worker built from the config at start, where a reloaded ``config``
-        changes it: the Secret verifier (``auth``) and the backend pool (``backend``)."""
+        changes it: the Secret verifier (``auth``), the backend pool (``backend``) and the spool's
+        budget (``spool.max_bytes``, ``spool.memory_budget``)."""
         if self.auth.apply(config.auth):
             LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
         if self.forwarder.apply(config.backend):
             raise_descriptor_limit(config)  # a larger pool_size needs its descriptors
             LOGGER.info("backend applied: %s", display_url(config.backend.url))
+        if self.spool_budget.resize(config.spool.max_bytes, config.spool.memory_budget):
+            LOGGER.info(
+                "spool budget applied: max_bytes %d, memory_budget %d",
+                config.spool.max_bytes,
+                config.spool.memory_budget,
+            )
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

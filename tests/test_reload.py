@@ -405,6 +405,37 @@ def test_a_reload_sends_new_exchanges_to_a_new_backend_and_lets_running_ones_fin
         new.stop()
 
 
+def test_a_reload_resizes_the_spool_budget(
+    redis_server: RedisServer, backend: BackendProc, tmp_path: Path
+) -> None:
+    """``spool.max_bytes`` was fixed at start: an operator raising it during a burst of 507s
+    had to restart every replica. A reload now resizes the budget for new uploads."""
+    base = observed_config(redis_server, backend, tmp_path, "ugw-reload-spool")
+    base["spool"]["max_bytes"] = "64KiB"
+    gw = start_gateway(copy.deepcopy(base), tmp_path)
+    try:
+        agent = bearer(mint(gw, new_key(gw, "reload-spool"), "role=agent"))
+        body, headers = upload("big.png", "image/png", files.make("png", 100_000))
+
+        def post() -> Reply:
+            return send(gw.port, "POST", "/streams/301/objects", body, {**headers, **agent})
+
+        refused = post()
+        assert (refused.status, refused.json()["code"]) == (507, "spool_full")
+        assert backend.records() == []
+        roomier = copy.deepcopy(base)
+        roomier["spool"]["max_bytes"] = "64MiB"
+        write_atomically(gw.config_path, dump(roomier))
+        wait_for(
+            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
+        )
+        assert post().status == 200
+        assert [r["path"] for r in backend.records()] == ["/streams/301/objects"]
+        assert "after a restart" not in gw.log()
+    finally:
+        gw.stop()
+
+
 def test_a_large_file_is_read_while_the_worker_keeps_answering(reloading: Reloading) -> None:
     """Composing YAML costs ~0.3 s per 100 KB in pure Python: a file listing thousands of
     channels, read on the event loop, stopped the worker answering anyone for that long, on
