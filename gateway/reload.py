@@ -39,17 +39,42 @@ def fixed_at_start(old: Config, new: Config) -> list[str]:
         if getattr(old, name) != getattr(new, name)
     ]
     if _fixed_server(old) != _fixed_server(new):
-        changed.append("server (all but body_timeout and trusted_proxies)")
+        changed.append("server (all but body_timeout, trusted_proxies and the TLS files)")
     return changed
 
 
 def _fixed_server(config: Config) -> object:
-    """The ``server`` settings fixed at start: each request reads the other two anew."""
-    return replace(config.server, body_timeout=0, trusted_proxies=())
+    """The ``server`` settings fixed at start: each request reads two anew, and the TLS files
+    are read again by every reload; whether the listener speaks TLS at all is fixed."""
+    tls = "on" if config.server.tls_cert_file else None
+    return replace(
+        config.server, body_timeout=0, trusted_proxies=(), tls_cert_file=tls, tls_key_file=tls
+    )
+
+
+def named_files(config: Config) -> tuple[str, ...]:
+    """The files ``config`` names that a reload reads again: the signing keys' public key files
+    and the TLS certificate and key. Watched like the policies file, so a renewal written into
+    a mounted Kubernetes Secret applies without anyone sending SIGHUP."""
+    files = {key.public_key_file for key in config.auth.keys.values() if key.public_key_file}
+    files.update(f for f in (config.server.tls_cert_file, config.server.tls_key_file) if f)
+    return tuple(sorted(files))
+
+
+Stamp = tuple[int, int] | None  # a file's (mtime in ns, size), or None when it cannot be read
+
+
+def _stamp(path: str) -> Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 class ConfigWatcher:
-    """Reloads on SIGHUP (:meth:`request_reload`) and when the file changes (polled).
+    """Reloads on SIGHUP (:meth:`request_reload`) and when the file, or a file it names
+    (:func:`named_files`), changes (polled).
 
     The file is read and validated in a thread: composing YAML costs ~5 s per MiB in pure
     Python, and a worker whose event loop did that would answer nobody meanwhile (a policies
@@ -62,24 +87,27 @@ class ConfigWatcher:
         path: str,
         holder: ConfigHolder,
         metrics: Metrics,
-        rebuild: Callable[[Config], None] | None = None,
+        rebuild: Callable[[Config, str], None] | None = None,
     ) -> None:
         self._path = path
         self._holder = holder
         self._metrics = metrics
         self._rebuild = rebuild
-        self._mtime = self._stat()
+        self._watched = (path, *named_files(holder.current))
+        self._seen = self._stamps()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._requested: set[asyncio.Task[bool]] = set()
         self._closed = False
 
-    def _stat(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size)
+    def _stamps(self) -> dict[str, Stamp]:
+        return {path: _stamp(path) for path in self._watched}
+
+    def _watch(self, config: Config, before: dict[str, Stamp]) -> None:
+        """Watch the files ``config`` names from now on. A file watched already keeps the stamp
+        it had before the load read it, so a change made meanwhile still triggers a reload."""
+        self._watched = (self._path, *named_files(config))
+        self._seen = {path: before.get(path, _stamp(path)) for path in self._watched}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._poll(), name="config-watcher")
@@ -108,14 +136,18 @@ class ConfigWatcher:
     async def reload(self) -> bool:
         """Load and swap in the file; keep the old config if it is invalid. True on success."""
         async with self._lock:
-            self._mtime = self._stat()
+            self._seen = before = self._stamps()
             try:
                 config = await asyncio.to_thread(load_config, self._path)
             except (ConfigError, OSError) as exc:
                 return self._failed(str(exc), exc)
             except Exception as exc:  # a loader bug must not end hot reload for the process's life
                 return self._failed(f"the loader failed: {type(exc).__name__}: {exc}", None)
-            self._apply(config)
+            try:
+                self._apply(config)
+            except ConfigError as exc:  # what the file names cannot be used (a certificate)
+                return self._failed(str(exc), exc)
+            self._watch(config, before)
             return True
 
     def _failed(self, error: str, reported: Exception | None) -> bool:
@@ -129,10 +161,11 @@ class ConfigWatcher:
 
     def _apply(self, config: Config) -> None:
         """Swap in ``config``; what is rebuilt from it changes with the policy (nothing awaits
-        in between, so no request sees one without the other)."""
+        in between, so no request sees one without the other). A ``ConfigError`` from the
+        rebuild comes before anything changed."""
         fixed = fixed_at_start(self._holder.started, config)
         if self._rebuild is not None:
-            self._rebuild(config)
+            self._rebuild(config, self._path)
         if config.log_level != self._holder.current.log_level:
             set_log_level(config.log_level)  # neither a request's setting nor fixed at start
         self._holder.swap(config)
@@ -147,11 +180,11 @@ class ConfigWatcher:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            seen = self._stat()
-            if seen == self._mtime:
+            seen = self._stamps()
+            if seen == self._seen:
                 continue
             # A file written in place (not renamed over) may be caught half-written: wait until
             # it stops changing, so an editor's save is not logged and counted as a failure.
             await asyncio.sleep(SETTLE_SECONDS)
-            if self._stat() == seen:
+            if self._stamps() == seen:
                 await self.reload()

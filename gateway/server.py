@@ -33,6 +33,7 @@ from gateway.protocol import GatewayProtocol, ProtocolOptions
 from gateway.reload import ConfigWatcher
 from gateway.state import GatewayState
 from gateway.supervisor import supervise
+from gateway.tls import ServerTls, tls_context
 
 LOGGER = logging.getLogger("upload_gateway")
 # prometheus_client's multiprocess directory, by its name and its older lower-case one
@@ -40,7 +41,6 @@ _MULTIPROC_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 LINGERING_SECONDS = 2.0
 DRAIN_CANCEL_TIMEOUT = 1.0  # after the grace: how long cancelled handlers get to unwind
 READ_BUFFER = 32 * 1024  # aiohttp read_bufsize: see serve_worker
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def setup_logging(level: str) -> None:
@@ -57,20 +57,6 @@ def setup_logging(level: str) -> None:
     access_handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(access_handler)
     set_log_level(level)
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """TLS termination with TLS 1.2 as the floor (SPEC §7), when a certificate is configured."""
-    if not config.server.tls_cert_file:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # TLS 1.2: forward secrecy and AEAD only (no CBC, no RSA key exchange); TLS 1.3's suites
-    # are all modern and are not affected by this string.
-    context.set_ciphers(TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.load_cert_chain(config.server.tls_cert_file, config.server.tls_key_file)
-    return context
 
 
 def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
@@ -149,14 +135,14 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     await runner.setup()
     await admin_app_runner.setup()
     listen, admin = config.listen, config.admin_listen
-    tls = tls_context(config)
+    state.tls = ServerTls(config) if config.server.tls_cert_file else None
     await ListenerSite(
         runner,
         listen.host,
         listen.port,
         reuse_port=True,
         backlog=1024,
-        ssl_context=tls,
+        ssl_context=state.tls.listener if state.tls is not None else None,
         handshake_timeout=config.server.header_timeout,
     ).start()
     await web.TCPSite(admin_app_runner, admin.host, admin.port, reuse_port=True).start()

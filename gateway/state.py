@@ -14,6 +14,7 @@ from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.redis_client import RedisClient, display_url
 from gateway.spool import SpoolBudget
+from gateway.tls import ServerTls
 
 LOGGER = logging.getLogger("upload_gateway.reload")
 
@@ -48,11 +49,18 @@ class GatewayState:
     redis: RedisClient
     spool_budget: SpoolBudget
     draining: bool = False
+    tls: ServerTls | None = None  # set by the worker when it terminates TLS
 
-    def rebuild(self, config: Config) -> None:
+    def rebuild(self, config: Config, source: str) -> None:
         """Rebuild what the worker built from the config at start, where a reloaded ``config``
-        changes it: the Secret verifier (``auth``), the backend pool (``backend``) and the spool's
-        budget (``spool.max_bytes``, ``spool.memory_budget``)."""
+        changes it: the TLS certificate (read again whether or not its paths changed: a renewal
+        replaces the files), the Secret verifier (``auth``), the backend pool (``backend``) and
+        the spool's budget (``spool.max_bytes``, ``spool.memory_budget``).
+
+        Raises ``ConfigError`` when the certificate cannot be loaded; that comes first, so a
+        failed reload has changed nothing."""
+        if self.tls is not None:
+            self.tls.reload(config, source)
         if self.auth.apply(config.auth):
             LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
         if self.forwarder.apply(config.backend):

@@ -12,6 +12,8 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import os
+import signal
 import socket
 import ssl
 import threading
@@ -19,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from tests.support.faults import wait_until
 from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
 from tests.support.procs import RedisServer, free_port
 from tests.support.rawhttp import parse_response
@@ -114,6 +118,12 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     out = tmp_path_factory.mktemp("pki")
@@ -123,13 +133,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     (out / "ca.pem").write_bytes(_pem(ca))
     (out / "other-ca.pem").write_bytes(_pem(other_ca))
     (out / "server.pem").write_bytes(_pem(cert))
-    (out / "server.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (out / "server.key").write_bytes(_key_pem(key))
     return Pki(out / "ca.pem", out / "other-ca.pem", out / "server.pem", out / "server.key")
 
 
@@ -341,3 +345,85 @@ async def test_backend_tls_is_verified_against_the_configured_ca(
     finally:
         await asyncio.to_thread(gw.stop)
         await runner.cleanup()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """As a certificate renewal writes it: a new file renamed over the old one."""
+    fresh = path.with_suffix(".new")
+    fresh.write_bytes(data)
+    os.replace(fresh, path)
+
+
+def _served(port: int, context: ssl.SSLContext) -> bytes:
+    """The certificate a new handshake gets, DER."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        served = tls.getpeercert(binary_form=True)
+        assert served is not None
+        return served
+
+
+def _readyz(gw: GatewayProc) -> dict[str, Any]:
+    with socket.create_connection(("127.0.0.1", gw.admin_port), timeout=5) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return dict(json.loads(parse_response(data).body)["checks"])
+
+
+def _unauthorized_on(tls: ssl.SSLSocket) -> bool:
+    """One keep-alive request on an open TLS connection: answered (401, no Secret)?"""
+    tls.sendall(b"GET /inbox HTTP/1.1\r\nHost: gw\r\n\r\n")
+    head = tls.recv(65536)
+    return head.startswith(b"HTTP/1.1 401")
+
+
+def test_a_reload_serves_a_renewed_certificate_without_a_restart(
+    redis_server: RedisServer, backend_proc: BackendProc, tmp_path: Path
+) -> None:
+    """Certificates are renewed every few weeks: the gateway read its certificate once, at
+    start, and served it until it expired unless every replica was restarted. Now the files
+    are watched and a reload (or SIGHUP) reads them again for new handshakes, as nginx's
+    reload does; a connection made before keeps working; a certificate that does not match
+    its key fails the reload, and the running certificate stays."""
+    ca, ca_key = _ca("Renewing CA")
+    (tmp_path / "ca.pem").write_bytes(_pem(ca))
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    first, first_key = _leaf(ca, ca_key)
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(_pem(first))
+    key_file.write_bytes(_key_pem(first_key))
+    config = base_config(redis_server.url, backend_proc.url, tmp_path / "spool")
+    config["server"].update({"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)})
+    gw = start_gateway(config, tmp_path)
+    try:
+        der = serialization.Encoding.DER
+        assert _served(gw.port, client) == first.public_bytes(der)
+        with (
+            socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock,
+            client.wrap_socket(sock, server_hostname="localhost") as kept,
+        ):
+            assert _unauthorized_on(kept)
+            renewed, renewed_key = _leaf(ca, ca_key)
+            generation = _readyz(gw)["config_generation"]
+            _replace(key_file, _key_pem(renewed_key))
+            _replace(cert_file, _pem(renewed))  # the files are watched: no SIGHUP needed
+            assert wait_until(lambda: _served(gw.port, client) == renewed.public_bytes(der), 5)
+            assert _readyz(gw)["config_generation"] > generation
+            assert _served(gw.port, client) == renewed.public_bytes(der)
+            assert _unauthorized_on(kept)  # made under the old certificate, still served
+
+        generation = _readyz(gw)["config_generation"]
+        mismatched, _ = _leaf(ca, ca_key)  # its key is not the one in key_file
+        _replace(cert_file, _pem(mismatched))
+        gw.signal(signal.SIGHUP)
+        assert wait_until(lambda: _readyz(gw)["config_error"] is not None, 5)
+        assert "server.tls_cert_file" in str(_readyz(gw)["config_error"])
+        assert _readyz(gw)["config_generation"] == generation
+        assert _served(gw.port, client) == renewed.public_bytes(der)
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
