@@ -52,13 +52,21 @@ class GatewayServer(web.Server):
             return RefusedConnection(refused)
         return GatewayProtocol(self, self._options, loop=self._loop, **self._kwargs)
 
+    def retune(self, options: ProtocolOptions, **settings: Any) -> None:
+        """A reload's settings, for connections accepted from now on: an open connection keeps
+        those it was accepted with (its parser was built and its timers armed by them)."""
+        self._options = options
+        self._kwargs.update(settings)
+
     async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
+        connection = request.protocol
+        options = connection.options if isinstance(connection, GatewayProtocol) else self._options
         try:
             check_framing(request)
-            if head_size(request) > self._options.max_head_size:
-                raise head_too_large(self._options.max_head_size)
+            if head_size(request) > options.max_head_size:
+                raise head_too_large(options.max_head_size)
         except GatewayError as error:
-            return refuse(error, request.remote or "", self._options.metrics)
+            return refuse(error, request.remote or "", options.metrics)
         return await self._app_handler(request)
 
 
@@ -71,6 +79,11 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         return GatewayServer(await super()._make_server(), self._options)
+
+    def retune(self, options: ProtocolOptions, **settings: Any) -> None:
+        """:meth:`GatewayServer.retune` of this runner's server (once it is set up)."""
+        if isinstance(self.server, GatewayServer):
+            self.server.retune(options, **settings)
 
 
 class ListenerSite(web.TCPSite):

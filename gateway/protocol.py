@@ -85,6 +85,11 @@ class GatewayProtocol(RequestHandler):
         self._answered_body: StreamReader | None = None  # the last answered request's body
 
     @property
+    def options(self) -> ProtocolOptions:
+        """The settings this connection was accepted with (a reload changes new ones only)."""
+        return self._options
+
+    @property
     def busy(self) -> bool:
         """A request is being handled: its body may still be arriving (server drain waits)."""
         return bool(self._request_in_progress)

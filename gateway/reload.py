@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
 
 from gateway.accesslog import set_log_level
 from gateway.config import ConfigError, load_config
@@ -38,18 +37,11 @@ def fixed_at_start(old: Config, new: Config) -> list[str]:
         for name in ("listen", "admin_listen", "redis")
         if getattr(old, name) != getattr(new, name)
     ]
-    if _fixed_server(old) != _fixed_server(new):
-        changed.append("server (all but body_timeout, trusted_proxies and the TLS files)")
+    if old.server.shutdown_grace != new.server.shutdown_grace:
+        changed.append("server.shutdown_grace")  # the supervisor, which never reloads, waits it
+    if bool(old.server.tls_cert_file) != bool(new.server.tls_cert_file):
+        changed.append("server.tls_cert_file (TLS on or off)")  # the listener was made with it
     return changed
-
-
-def _fixed_server(config: Config) -> object:
-    """The ``server`` settings fixed at start: each request reads two anew, and the TLS files
-    are read again by every reload; whether the listener speaks TLS at all is fixed."""
-    tls = "on" if config.server.tls_cert_file else None
-    return replace(
-        config.server, body_timeout=0, trusted_proxies=(), tls_cert_file=tls, tls_key_file=tls
-    )
 
 
 def named_files(config: Config) -> tuple[str, ...]:

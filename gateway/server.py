@@ -9,6 +9,7 @@ reports not-ready, lets in-flight requests finish within ``server.shutdown_grace
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -63,18 +64,11 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
     """The proxy listener's runner, set up as every worker runs it (``bench.inprocess`` too)."""
     return GatewayRunner(
         build_app(state),
-        _protocol_options(
-            config,
-            state.metrics,
-            refused_counter(state.metrics, "proxy"),
-            config.server.max_connections,
-        ),
+        _proxy_options(state, config),
         handle_signals=False,
         access_log=None,
         auto_decompress=False,  # the backend must get the bytes the client sent (SPEC §4)
-        max_line_size=config.server.max_line_size,
-        max_field_size=config.server.max_header_size,
-        keepalive_timeout=config.server.keepalive_timeout,
+        **_proxy_settings(config),
         # After an early refusal, read (and drop) what the client is still sending for at most
         # this long, so it sees the 413 instead of a reset; aiohttp's 10 s default held sockets.
         lingering_time=LINGERING_SECONDS,
@@ -85,6 +79,22 @@ def proxy_runner(state: GatewayState, config: Config) -> GatewayRunner:
         # 8-16 MiB off that peak, at a throughput price within the bench's noise (NOTES.md).
         read_bufsize=READ_BUFFER,
     )
+
+
+def _proxy_options(state: GatewayState, config: Config) -> ProtocolOptions:
+    """Its refusals are counted as proxy traffic, and so are the connections it closes past
+    ``server.max_connections``."""
+    refused = refused_counter(state.metrics, "proxy")
+    return _protocol_options(config, state.metrics, refused, config.server.max_connections)
+
+
+def _proxy_settings(config: Config) -> dict[str, Any]:
+    """aiohttp's settings for each connection the proxy listener accepts."""
+    return {
+        "max_line_size": config.server.max_line_size,
+        "max_field_size": config.server.max_header_size,
+        "keepalive_timeout": config.server.keepalive_timeout,
+    }
 
 
 def _protocol_options(
@@ -111,7 +121,7 @@ def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
     connections it closes past its own cap are (``listener="admin"``)."""
     return GatewayRunner(
         build_admin_app(state),
-        _protocol_options(config, None, refused_counter(state.metrics, "admin"), ADMIN_CONNECTIONS),
+        _admin_options(state, config),
         handle_signals=False,
         access_log=None,
         # the proxy's, not aiohttp's default of an hour: the head timer does not cover an
@@ -119,6 +129,22 @@ def admin_runner(state: GatewayState, config: Config) -> GatewayRunner:
         keepalive_timeout=config.server.keepalive_timeout,
         lingering_time=LINGERING_SECONDS,
     )
+
+
+def _admin_options(state: GatewayState, config: Config) -> ProtocolOptions:
+    refused = refused_counter(state.metrics, "admin")
+    return _protocol_options(config, None, refused, ADMIN_CONNECTIONS)
+
+
+def _rebuild_worker(
+    state: GatewayState, proxy: GatewayRunner, admin: GatewayRunner, config: Config, source: str
+) -> None:
+    """Everything a reload rebuilds in a worker: the state's parts (``GatewayState.rebuild``),
+    then both listeners' settings for the connections they accept from now on."""
+    state.rebuild(config, source)
+    raise_descriptor_limit(config)  # a larger max_connections or pool_size needs descriptors
+    proxy.retune(_proxy_options(state, config), **_proxy_settings(config))
+    admin.retune(_admin_options(state, config), keepalive_timeout=config.server.keepalive_timeout)
 
 
 async def serve_worker(config_path: str, config: Config, ready: Any = None) -> None:
@@ -147,7 +173,8 @@ async def serve_worker(config_path: str, config: Config, ready: Any = None) -> N
     ).start()
     await web.TCPSite(admin_app_runner, admin.host, admin.port, reuse_port=True).start()
     LOGGER.info("listening on %s (admin %s), pid %d", listen, admin, os.getpid())
-    watcher = ConfigWatcher(config_path, state.config, state.metrics, state.rebuild)
+    rebuild = functools.partial(_rebuild_worker, state, runner, admin_app_runner)
+    watcher = ConfigWatcher(config_path, state.config, state.metrics, rebuild)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -9,7 +9,6 @@ from aiohttp import web
 
 from gateway.auth.authenticator import Authenticator
 from gateway.config.model import Config
-from gateway.connections import raise_descriptor_limit
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.redis_client import RedisClient, display_url
@@ -64,7 +63,6 @@ class GatewayState:
         if self.auth.apply(config.auth):
             LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
         if self.forwarder.apply(config.backend):
-            raise_descriptor_limit(config)  # a larger pool_size needs its descriptors
             LOGGER.info("backend applied: %s", display_url(config.backend.url))
         if self.spool_budget.resize(config.spool.max_bytes, config.spool.memory_budget):
             LOGGER.info(

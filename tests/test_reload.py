@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from gateway.config.model import Config
 from gateway.metrics import Metrics
 from gateway.state import ConfigHolder
 from tests.support import files
-from tests.support.faults import established_to, raw_head, wait_until
+from tests.support.faults import established_to, raw_head, read_response, wait_until
 from tests.support.gateway_proc import (
     SIGNING_KEY,
     BackendProc,
@@ -42,6 +43,7 @@ from tests.support.gateway_proc import (
 )
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import parse_response
+from tests.support.rawhttp import request as raw_request
 from tests.test_metrics import (
     Reply,
     Samples,
@@ -431,6 +433,45 @@ def test_a_reload_resizes_the_spool_budget(
         )
         assert post().status == 200
         assert [r["path"] for r in backend.records()] == ["/streams/301/objects"]
+        assert "after a restart" not in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_a_reload_retunes_the_listener_for_the_connections_it_accepts_next(
+    redis_server: RedisServer, backend: BackendProc, tmp_path: Path
+) -> None:
+    """The ``server`` limits and timeouts were fixed at start: tightening them during an
+    attack (floods of oversized or slow heads) needed every replica restarted. A reload now
+    gives them to the connections accepted from then on; one already open keeps its own, as
+    its parser and timers were made with them."""
+    base = observed_config(redis_server, backend, tmp_path, "ugw-reload-server")
+    base["server"].update(max_head_size="64KiB", header_timeout="10s")
+    gw = start_gateway(copy.deepcopy(base), tmp_path)
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(6))
+    head = b"GET /t/status/204 HTTP/1.1\r\nHost: gw\r\n" + padding + b"\r\n"  # ~6 KB
+    try:
+        assert raw_request(gw.port, head).status == 401  # read whole, then: no Secret
+        accepted_before = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        tight = copy.deepcopy(base)
+        tight["server"].update(max_head_size="4KiB", header_timeout="1s")
+        write_atomically(gw.config_path, dump(tight))
+        wait_for(
+            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
+        )
+        refused = raw_request(gw.port, head)
+        assert refused.status == 431
+        assert refused.header("Content-Type") == "application/problem+json"
+        assert json.loads(refused.body)["limit_bytes"] == 4096
+        accepted_before.sendall(head)  # accepted under 64 KiB: still read whole
+        assert parse_response(read_response(accepted_before)).status == 401
+        accepted_before.close()
+        started = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        assert silent.recv(65536) == b""  # closed, having sent nothing, by the new 1 s timer
+        assert time.monotonic() - started < 6  # not the 10 s it was started with
+        silent.close()
+        assert backend.records() == []
         assert "after a restart" not in gw.log()
     finally:
         gw.stop()
