@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from yarl import URL
 
 from gateway.backend_pool import READ_CHUNK, BackendPool
 from gateway.body import next_piece
+from gateway.config import ConfigError, ConfigIssue
 from gateway.config.model import BackendConfig
 from gateway.errors import GatewayError
 from gateway.headers import end_to_end, has_undecodable_bytes
@@ -73,13 +75,22 @@ class Forwarder:
     async def start(self) -> None:
         self._pool = BackendPool(self._config)
 
-    def apply(self, config: BackendConfig) -> bool:
+    def apply(self, config: BackendConfig, source: str = "<reload>") -> bool:
         """New exchanges use ``config`` from now on; True if it differs. Exchanges under way
-        finish on the pool they began on, which is closed after the last of them."""
+        finish on the pool they began on, which is closed after the last of them.
+
+        Raises ``ConfigError`` and changes nothing when the new pool cannot be made (a
+        ``ca_file`` missing or not PEM): the reload fails like one whose file does not parse,
+        instead of the error ending the file watcher's task."""
         if config == self._config or self._pool is None:
             self._config = config
             return False
-        old, self._pool, self._config = self._pool, BackendPool(config), config
+        try:
+            pool = BackendPool(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            issue = ConfigIssue(None, "backend.ca_file", f"cannot be loaded: {exc}")
+            raise ConfigError([issue], source) from None
+        old, self._pool, self._config = self._pool, pool, config
         if old.exchanges:
             self._retired.add(old)
         else:

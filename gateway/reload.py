@@ -139,6 +139,8 @@ class ConfigWatcher:
                 self._apply(config)
             except ConfigError as exc:  # what the file names cannot be used (a certificate)
                 return self._failed(str(exc), exc)
+            except Exception as exc:  # nor may a rebuild bug: the watcher's task would end
+                return self._failed(f"applying it failed: {type(exc).__name__}: {exc}", None)
             self._watch(config, before)
             return True
 

@@ -53,17 +53,19 @@ class GatewayState:
     def rebuild(self, config: Config, source: str) -> None:
         """Rebuild what the worker built from the config at start, where a reloaded ``config``
         changes it: the TLS certificate (read again whether or not its paths changed: a renewal
-        replaces the files), the Secret verifier (``auth``), the backend pool (``backend``) and
+        replaces the files), the backend pool (``backend``), the Secret verifier (``auth``) and
         the spool's budget (``spool.max_bytes``, ``spool.memory_budget``).
 
-        Raises ``ConfigError`` when the certificate cannot be loaded; that comes first, so a
-        failed reload has changed nothing."""
+        Raises ``ConfigError`` when the certificate or the backend's CA bundle cannot be loaded.
+        Both are loaded before anything is applied, so a failed reload has changed nothing: not
+        the certificate served, not the signing keys."""
+        tls = self.tls.load(config, source) if self.tls is not None else None
+        if self.forwarder.apply(config.backend, source):  # the last step that may fail
+            LOGGER.info("backend applied: %s", display_url(config.backend.url))
         if self.tls is not None:
-            self.tls.reload(config, source)
+            self.tls.serve(tls)
         if self.auth.apply(config.auth):
             LOGGER.info("auth applied; signing keys (kid): %s", ", ".join(config.auth.keys))
-        if self.forwarder.apply(config.backend):
-            LOGGER.info("backend applied: %s", display_url(config.backend.url))
         if self.spool_budget.resize(config.spool.max_bytes, config.spool.memory_budget):
             LOGGER.info(
                 "spool budget applied: max_bytes %d, memory_budget %d",

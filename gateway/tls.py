@@ -47,14 +47,17 @@ class ServerTls:
     def _choose(self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         connection.context = self._current
 
-    def reload(self, config: Config, source: str) -> None:
-        """Serve the certificate ``config`` names to new handshakes; raises ``ConfigError``
-        (and changes nothing) when it cannot be loaded. TLS cannot be turned off by a reload:
-        the listener was created with it."""
+    def load(self, config: Config, source: str) -> ssl.SSLContext | None:
+        """The context for the certificate ``config`` names, for :meth:`serve` once the rest of
+        the reload has loaded too; raises ``ConfigError`` when it cannot be loaded. TLS cannot be
+        turned off by a reload (the listener was created with it): None keeps what is served."""
         try:
-            context = tls_context(config)
+            return tls_context(config)
         except (OSError, ssl.SSLError) as exc:
             issue = ConfigIssue(None, "server.tls_cert_file", f"cannot load with its key: {exc}")
             raise ConfigError([issue], source) from None
+
+    def serve(self, context: ssl.SSLContext | None) -> None:
+        """New handshakes get ``context`` (from :meth:`load`); None changes nothing."""
         if context is not None:
             self._current = context

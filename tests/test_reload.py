@@ -275,6 +275,31 @@ def test_a_file_the_loader_cannot_even_read_keeps_the_watcher_alive(reloading: R
     apply_by_edit(r, dump(r.base))
 
 
+def test_a_backend_ca_file_that_cannot_be_loaded_fails_the_reload_and_changes_nothing(
+    reloading: Reloading,
+) -> None:
+    """A reload naming a ``backend.ca_file`` that cannot be loaded raised FileNotFoundError out
+    of the rebuild, after the certificate and the ``auth`` section of the same edit had been
+    applied: the reload was not counted nor shown on /readyz, the policy stayed old while the
+    signing keys were new, and the file watcher's task ended (every later edit was ignored,
+    and the next SIGTERM's drain raised the error instead of waiting for uploads)."""
+    r = reloading
+    failures = r.reloads("failure")
+    generation = r.readyz()["config_generation"]
+    broken = with_agents(r.base, max_file_size=2999)
+    broken["backend"]["url"] = "https://127.0.0.1:9"
+    broken["backend"]["ca_file"] = str(r.gw.config_path.with_name("no-such-ca.pem"))
+    broken["auth"]["header"] = "X-Secret"  # applied on its own, every request here would be 401
+    write_atomically(r.gw.config_path, dump(broken))
+    wait_for(lambda: r.reloads("failure") == failures + 1)
+    assert "backend.ca_file" in r.readyz()["config_error"]
+    assert r.readyz()["config_generation"] == generation
+    assert r.post().status == 200  # the old auth header, the old limit, the old backend
+    apply_by_edit(r, dump(with_agents(r.base, max_file_size=2999)))  # the watcher still runs
+    assert r.post().json()["limit_bytes"] == 2999
+    apply_by_edit(r, dump(r.base))
+
+
 async def test_a_loader_bug_fails_the_reload_and_keeps_watching(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,6 +312,28 @@ async def test_a_loader_bug_fails_the_reload_and_keeps_watching(
     assert await watcher.reload() is False
     assert holder.last_error is not None and "ZeroDivisionError" in holder.last_error
     monkeypatch.setattr(module, "load_config", lambda _: Config())
+    assert await watcher.reload() is True and holder.generation == 1
+
+
+async def test_a_rebuild_bug_fails_the_reload_and_keeps_watching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever rebuilding raises, the reload fails (counted, on /readyz) and the next runs."""
+    path = tmp_path / "policies.yaml"
+    path.write_text("{}")
+    monkeypatch.setattr(module, "load_config", lambda _: Config())
+    holder, metrics = ConfigHolder(Config()), Metrics(CollectorRegistry())
+    calls: list[Config] = []
+
+    def rebuild(config: Config, _source: str) -> None:
+        calls.append(config)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    watcher = module.ConfigWatcher(str(path), holder, metrics, rebuild)
+    assert await watcher.reload() is False
+    assert holder.last_error is not None and "RuntimeError" in holder.last_error
+    assert holder.generation == 0
     assert await watcher.reload() is True and holder.generation == 1
 
 
