@@ -22,6 +22,7 @@ from aiohttp.client_exceptions import SocketTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
+from aiohttp.helpers import _EXC_SENTINEL, set_exception
 from aiohttp.tracing import Trace
 from yarl import URL
 
@@ -72,6 +73,19 @@ class _CountingHandler(ResponseHandler):
         if self._send_clock is not None:
             self._send_clock.stop()
         super().connection_lost(exc)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        """Also fail the response body being read, as aiohttp's read timeout does.
+
+        aiohttp's writer, when the request body fails (the client vanished or stalled while the
+        backend was already streaming its answer, as an echo or a progress stream does), sets
+        its error here only: on the wait for a response head that came long ago. It also drops
+        the read timeout, so the relay waited on the backend's body for ever, holding the
+        backend connection, and a retired pool was never closed."""
+        super().set_exception(exc, exc_cause)
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            set_exception(payload, exc, exc_cause)
 
     def _send_timed_out(self) -> None:
         """The wait for the response fails as a timeout (504); the connection is aborted, not

@@ -203,7 +203,7 @@ class Forwarder:
         result.backend_seconds = time.monotonic() - started
         self._metrics.backend_duration.labels(route).observe(result.backend_seconds)
         async with backend:
-            return await self._relay(request, backend, route, result)
+            return await self._relay(request, backend, route, result, client_error)
 
     async def _relay(
         self,
@@ -211,6 +211,7 @@ class Forwarder:
         backend: aiohttp.ClientResponse,
         route: str,
         result: ForwardResult,
+        client_error: Callable[[], BaseException | None],
     ) -> web.StreamResponse:
         response = RelayedResponse(status=backend.status, reason=backend.reason)
         response.headers.extend(end_to_end(backend.headers, drop=_RESPONSE_FRAMING))
@@ -226,7 +227,7 @@ class Forwarder:
         # Otherwise aiohttp frames the body itself: chunked for HTTP/1.1, and delimited by
         # closing the connection for HTTP/1.0 (which has no chunked coding).
         await response.prepare(request)
-        async for chunk in self._body(request, backend):
+        async for chunk in self._body(request, backend, client_error):
             try:
                 await response.write(chunk)
             except ConnectionError as exc:
@@ -237,17 +238,23 @@ class Forwarder:
         return response
 
     async def _body(
-        self, request: web.Request, backend: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        backend: aiohttp.ClientResponse,
+        client_error: Callable[[], BaseException | None],
     ) -> AsyncIterator[bytes]:
-        """The backend's body; reading it failing is the backend's fault."""
+        """The backend's body; reading it failing is the backend's fault, unless it failed
+        because the client's own body did (it vanished or stalled while the backend answered)."""
         try:
             async for chunk in _response_pieces(backend):
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is a cut connection.
-            self._metrics.backend_errors.labels(kind="response_aborted").inc()
             if request.transport is not None:
                 request.transport.abort()
+            if client_error() is not None:
+                raise ConnectionResetError("the client's body ended mid-exchange") from exc
+            self._metrics.backend_errors.labels(kind="response_aborted").inc()
             raise ResponseAborted("backend dropped the response mid-body") from exc
 
 

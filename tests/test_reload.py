@@ -32,7 +32,14 @@ from gateway.config.model import Config
 from gateway.metrics import Metrics
 from gateway.state import ConfigHolder
 from tests.support import files
-from tests.support.faults import established_to, raw_head, read_response, wait_until
+from tests.support.faults import (
+    established_to,
+    gauge,
+    raw_head,
+    read_response,
+    vanish,
+    wait_until,
+)
 from tests.support.gateway_proc import (
     SIGNING_KEY,
     BackendProc,
@@ -448,6 +455,46 @@ def test_a_reload_sends_new_exchanges_to_a_new_backend_and_lets_running_ones_fin
         assert [r["path"] for r in old.records()] == ["/t/echo"]
         assert wait_until(lambda: established_to(old.port) == 0, timeout=5), "old pool still open"
         assert "after a restart" not in gw.log()
+    finally:
+        gw.stop()
+        old.stop()
+        new.stop()
+
+
+def test_a_client_vanishing_after_the_backend_answered_ends_its_exchange_and_its_pool(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A pass-through client that vanished while the backend was already streaming its answer
+    (an echo, a progress stream) left the exchange waiting on the backend's body for ever:
+    aiohttp's writer put the body's failure on the wait for the response head, which had come
+    already, and dropped the read timeout. The backend connection stayed open, a pool retired
+    by a reload was never closed, and the drain waited for the exchange at shutdown. Now the
+    exchange ends at once, as the client's doing (499), not the backend's."""
+    old, new = start_backend(tmp_path / "old-store"), start_backend(tmp_path / "new-store")
+    base = observed_config(redis_server, old, tmp_path, "ugw-reload-vanish")
+    gw = start_gateway(copy.deepcopy(base), tmp_path)
+    try:
+        secret = mint(gw, new_key(gw, "reload-vanish"), "role=agent")
+        errors = gauge(gw.admin_port, "upload_gateway_backend_errors_total")
+        streams = []
+        for _ in range(3):  # each one its own chance at the race aiohttp loses
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            sock.sendall(raw_head("POST", "/t/echo", secret, "text/plain", chunked=True))
+            sock.sendall(b"5\r\nfirst\r\n")
+            assert sock.recv(12) == b"HTTP/1.1 200"  # the backend is answering
+            streams.append(sock)
+        moved = copy.deepcopy(base)
+        moved["backend"]["url"] = new.url
+        write_atomically(gw.config_path, dump(moved))
+        wait_for(
+            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
+        )
+        for sock in streams:
+            vanish(sock)
+        assert wait_until(lambda: established_to(old.port) == 0, timeout=10), "exchange hangs"
+        lines = [line for line in gw.log().splitlines() if '"path": "/t/echo"' in line]
+        assert len(lines) == 3 and all('"status": 499' in line for line in lines), lines
+        assert gauge(gw.admin_port, "upload_gateway_backend_errors_total") == errors
     finally:
         gw.stop()
         old.stop()
