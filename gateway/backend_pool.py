@@ -8,7 +8,8 @@ so the client gets exactly the bytes the backend sent.
 
 A hot reload that changes ``backend`` opens a new pool for new exchanges; the old one is closed
 once the exchanges that began on it have ended, as nginx's old workers finish their requests
-after a reload: a new URL, timeout or CA bundle needs no restart and cuts nothing off.
+after a reload: a new URL, timeout or CA bundle path needs no restart and cuts nothing off.
+(The pool is compared by its config: a bundle rewritten under the same path is not re-read.)
 """
 
 from __future__ import annotations
