@@ -8,8 +8,8 @@ so the client gets exactly the bytes the backend sent.
 
 A hot reload that changes ``backend`` opens a new pool for new exchanges; the old one is closed
 once the exchanges that began on it have ended, as nginx's old workers finish their requests
-after a reload: a new URL, timeout or CA bundle path needs no restart and cuts nothing off.
-(The pool is compared by its config: a bundle rewritten under the same path is not re-read.)
+after a reload: a new URL, timeout or CA bundle (also one renewed under its path) needs no
+restart and cuts nothing off.
 """
 
 from __future__ import annotations
@@ -140,8 +140,14 @@ class BackendPool:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.base = URL(config.url.rstrip("/"))
+        self._bundle = _read_bundle(config.ca_file)  # read before the session loads it
         self.session = _session(config, self.base)
         self.exchanges = 0  # begun on this pool and not yet ended
+
+    def serves(self, config: BackendConfig) -> bool:
+        """Whether ``config`` would make this same pool: the same settings, and the CA bundle
+        still what it was (a renewed bundle keeps its path)."""
+        return config == self.config and _read_bundle(config.ca_file) == self._bundle
 
     async def close(self) -> None:
         await self.session.close()
@@ -173,6 +179,16 @@ def _session(config: BackendConfig, base: URL) -> aiohttp.ClientSession:
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         read_bufsize=READ_CHUNK,
     )
+
+
+def _read_bundle(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as bundle:
+            return bundle.read()
+    except OSError:
+        return None
 
 
 def _tls(config: BackendConfig) -> ssl_module.SSLContext:

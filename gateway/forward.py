@@ -75,14 +75,15 @@ class Forwarder:
     async def start(self) -> None:
         self._pool = BackendPool(self._config)
 
-    def apply(self, config: BackendConfig, source: str = "<reload>") -> bool:
-        """New exchanges use ``config`` from now on; True if it differs. Exchanges under way
-        finish on the pool they began on, which is closed after the last of them.
+    def apply(self, config: BackendConfig, source: str) -> bool:
+        """New exchanges use ``config`` from now on; True if it differs (or its CA bundle was
+        renewed). Exchanges under way finish on the pool they began on, which is closed after
+        the last of them.
 
         Raises ``ConfigError`` and changes nothing when the new pool cannot be made (a
-        ``ca_file`` missing or not PEM): the reload fails like one whose file does not parse,
-        instead of the error ending the file watcher's task."""
-        if config == self._config or self._pool is None:
+        ``ca_file`` that went missing or bad since the loader read it): the reload fails like
+        one whose file does not parse, instead of the error ending the file watcher's task."""
+        if self._pool is None or self._pool.serves(config):
             self._config = config
             return False
         try:

@@ -45,11 +45,12 @@ def fixed_at_start(old: Config, new: Config) -> list[str]:
 
 
 def named_files(config: Config) -> tuple[str, ...]:
-    """The files ``config`` names that a reload reads again: the signing keys' public key files
-    and the TLS certificate and key. Watched like the policies file, so a renewal written into
-    a mounted Kubernetes Secret applies without anyone sending SIGHUP."""
+    """The files ``config`` names that a reload reads again: the signing keys' public key files,
+    the TLS certificate and key, and the backend's CA bundle. Watched like the policies file, so
+    a renewal written into a mounted Kubernetes Secret applies without anyone sending SIGHUP."""
     files = {key.public_key_file for key in config.auth.keys.values() if key.public_key_file}
-    files.update(f for f in (config.server.tls_cert_file, config.server.tls_key_file) if f)
+    server, backend = config.server, config.backend
+    files.update(f for f in (server.tls_cert_file, server.tls_key_file, backend.ca_file) if f)
     return tuple(sorted(files))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import subprocess
 import textwrap
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from gateway.config import (
     Config,
@@ -136,12 +139,36 @@ def test_shipped_policies_yaml_is_valid_and_matches_spec() -> None:
     assert config.channels["whatsapp"].customers.enabled is False
 
 
-def test_the_settings_the_sample_file_shows_commented_out_are_real_and_their_defaults() -> None:
+def _ca_bundle(path: Path) -> Path:
+    """A self-signed CA certificate in PEM: what ``backend.ca_file`` must load."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Backend CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_the_settings_the_sample_file_shows_commented_out_are_real_and_their_defaults(
+    tmp_path: Path,
+) -> None:
     """The sample file is an operator's reference: each commented-out setting must be a key
     the loader knows, and where it shows a default, the default the code has."""
     path = REPO / "config" / "policies.yaml"
     setting = re.compile(r"^(\s*)# (\s*[a-z_]+:(?: |$))", re.MULTILINE)
     shown = setting.sub(r"\1\2", path.read_text())
+    bundle = _ca_bundle(tmp_path / "backend-ca.pem")  # the loader reads the CA file it names
+    shown = shown.replace("/etc/ssl/backend-ca.pem", str(bundle))
     # sentinels and cluster are alternatives; the example shows sentinels.
     shown = "\n".join(line for line in shown.splitlines() if not line.startswith("  cluster:"))
     assert len(setting.findall(path.read_text())) >= 15
@@ -150,9 +177,7 @@ def test_the_settings_the_sample_file_shows_commented_out_are_real_and_their_def
     examples = {"tls_cert_file": None, "tls_key_file": None}
     assert dataclasses.replace(spelled_out.server, **examples) == sample.server
     assert spelled_out.log_level == sample.log_level
-    assert spelled_out.backend == dataclasses.replace(
-        sample.backend, ca_file="/etc/ssl/backend-ca.pem"
-    )
+    assert spelled_out.backend == dataclasses.replace(sample.backend, ca_file=str(bundle))
     assert spelled_out.redis.pool_size == sample.redis.pool_size
     assert spelled_out.redis.sentinels and spelled_out.redis.sentinel_service == "mymaster"
     assert spelled_out.auth.retry_after == sample.auth.retry_after
@@ -566,6 +591,20 @@ def test_public_key_must_fit_the_algorithms(tmp_path: Path) -> None:
     assert issue.key == "auth.keys.ec.public_key_file" and "secp256r1" in issue.message
     ec_text = mutate("[RS256, ES384]", "[ES256]", ec_text)
     assert load_config_text(ec_text, env={}).auth.algorithms == ("ES256",)
+
+
+def test_a_backend_ca_file_that_does_not_load_is_an_error_with_its_line(tmp_path: Path) -> None:
+    """It was read only when the backend's pool was made: a wrong path passed check-config and
+    crashed the worker at start, or (after a reload) every request to the backend."""
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    good = _ca_bundle(tmp_path / "ca.pem")
+    for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
+        text = mutate('url: "http://127.0.0.1:8081"', f'url: "https://b.example", ca_file: {path}')
+        (issue,) = issues_of(text)
+        assert issue.key == "backend.ca_file" and "CA bundle" in issue.message
+        assert issue.line is not None
+    text = mutate('url: "http://127.0.0.1:8081"', f'url: "https://b.example", ca_file: {good}')
+    assert load_config_text(text, env=ENV).backend.ca_file == str(good)
 
 
 def test_unreadable_public_key_file(tmp_path: Path) -> None:

@@ -347,6 +347,45 @@ async def test_backend_tls_is_verified_against_the_configured_ca(
         await runner.cleanup()
 
 
+async def test_a_renewed_backend_ca_bundle_is_read_again_under_the_same_path(
+    pki: Pki,
+    redis_server: RedisServer,
+    spool_dir: Path,
+    gateway: GatewayProc,
+    secret: str,
+    tmp_path: Path,
+) -> None:
+    """A backend whose certificate moved to a new CA, with the bundle renewed in place (a
+    mounted trust bundle keeps its path): the pool was rebuilt only when the backend settings
+    changed, so the gateway kept refusing the backend (502) until every replica restarted."""
+    runner, port = await _https_backend(pki)
+    bundle = tmp_path / "backend-ca.pem"
+    bundle.write_bytes(pki.other_ca.read_bytes())
+    config = base_config(redis_server.url, f"https://127.0.0.1:{port}", spool_dir)
+    config["backend"]["ca_file"] = str(bundle)
+    gw = await asyncio.to_thread(start_gateway, config, tmp_path)
+
+    async def status() -> int:
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(gw.url + "/hi", headers=headers) as reply,
+        ):
+            await reply.read()
+            return reply.status
+
+    try:
+        assert await status() == 502  # signed by a CA the bundle does not hold
+        _replace(bundle, pki.ca.read_bytes())
+        deadline = asyncio.get_running_loop().time() + 15
+        while await status() != 200:
+            assert asyncio.get_running_loop().time() < deadline, "the bundle was not read again"
+            await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(gw.stop)
+        await runner.cleanup()
+
+
 def _replace(path: Path, data: bytes) -> None:
     """As a certificate renewal writes it: a new file renamed over the old one."""
     fresh = path.with_suffix(".new")
@@ -354,11 +393,11 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(fresh, path)
 
 
-def _served(port: int, context: ssl.SSLContext) -> bytes:
-    """The certificate a new handshake gets, DER."""
+def _served(port: int, context: ssl.SSLContext, name: str | None = "localhost") -> bytes:
+    """The certificate a new handshake gets, DER (``name``: the SNI sent, None for none)."""
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
-        context.wrap_socket(sock, server_hostname="localhost") as tls,
+        context.wrap_socket(sock, server_hostname=name) as tls,
     ):
         served = tls.getpeercert(binary_form=True)
         assert served is not None
@@ -411,16 +450,23 @@ def test_a_reload_serves_a_renewed_certificate_without_a_restart(
             generation = _readyz(gw)["config_generation"]
             _replace(key_file, _key_pem(renewed_key))
             _replace(cert_file, _pem(renewed))  # the files are watched: no SIGHUP needed
-            assert wait_until(lambda: _served(gw.port, client) == renewed.public_bytes(der), 5)
+            assert wait_until(lambda: _served(gw.port, client) == renewed.public_bytes(der), 15)
             assert _readyz(gw)["config_generation"] > generation
             assert _served(gw.port, client) == renewed.public_bytes(der)
             assert _unauthorized_on(kept)  # made under the old certificate, still served
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            pinned = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            pinned.minimum_version = pinned.maximum_version = version
+            assert _served(gw.port, pinned) == renewed.public_bytes(der), version
+        without_sni = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        without_sni.check_hostname = False  # no name to check: the handshake sends none
+        assert _served(gw.port, without_sni, None) == renewed.public_bytes(der)
 
         generation = _readyz(gw)["config_generation"]
         mismatched, _ = _leaf(ca, ca_key)  # its key is not the one in key_file
         _replace(cert_file, _pem(mismatched))
         gw.signal(signal.SIGHUP)
-        assert wait_until(lambda: _readyz(gw)["config_error"] is not None, 5)
+        assert wait_until(lambda: _readyz(gw)["config_error"] is not None, 15)
         assert "server.tls_cert_file" in str(_readyz(gw)["config_error"])
         assert _readyz(gw)["config_generation"] == generation
         assert _served(gw.port, client) == renewed.public_bytes(der)

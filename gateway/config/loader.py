@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -200,11 +201,25 @@ def _backend(reader: Reader, node: Node, key: str) -> BackendConfig | None:
             "connect_timeout": reader.positive_duration,
             "read_timeout": reader.positive_duration,
             "pool_size": reader.integer,
-            "ca_file": reader.string,
+            "ca_file": lambda n, k: _ca_file(reader, n, k),
             "verify_tls": reader.boolean,
         },
     )
     return None if fields is None else replace(BackendConfig(), **fields)
+
+
+def _ca_file(reader: Reader, node: Node, key: str) -> str | None:
+    """A CA bundle that loads now, so a wrong path fails ``check-config`` and a reload, not
+    every request to the backend."""
+    path = reader.string(node, key)
+    if path is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reader.error(node, key, f"cannot load a PEM CA bundle from {path!r}: {exc}")
+        return None
+    return path
 
 
 def _redis(reader: Reader, node: Node, key: str) -> RedisConfig | None:
