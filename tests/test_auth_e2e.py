@@ -308,7 +308,7 @@ def _config_generation(gw: GatewayProc) -> int:
 
 
 def _reloaded(gw: GatewayProc, before: int) -> None:
-    assert wait_until(lambda: _config_generation(gw) > before, timeout=5), "no reload"
+    assert wait_until(lambda: _config_generation(gw) > before, timeout=15), "no reload"
 
 
 async def test_a_reload_replaces_the_signing_keys_at_once(

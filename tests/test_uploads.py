@@ -20,7 +20,13 @@ from yarl import URL
 
 from tests.conftest import mint
 from tests.support.files import EXPECTED, FILENAMES, make, multipart
-from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
+from tests.support.gateway_proc import (
+    BackendProc,
+    GatewayProc,
+    base_config,
+    spool_files,
+    start_gateway,
+)
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import parse_response, send_chunks_until_answered
 
@@ -51,7 +57,7 @@ def assert_no_spool_left(gateway: GatewayProc) -> None:
     while spool_fds(gateway) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert spool_fds(gateway) == []
-    assert os.listdir(gateway.config["spool"]["dir"]) == []
+    assert spool_files(Path(gateway.config["spool"]["dir"])) == []  # none, or never made
 
 
 async def post(
