@@ -54,6 +54,15 @@ class ResponseAborted(ConnectionResetError):
     """The backend failed after the response started; the client's connection was cut."""
 
 
+class BodyFailedMidResponse(ConnectionResetError):
+    """The client's body failed (it vanished, or stalled past ``server.body_timeout``) while the
+    backend was already answering; the answer was cut. ``cause`` says which, for the log."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__("the client's body ended mid-exchange")
+        self.cause = cause
+
+
 @dataclass
 class ForwardResult:
     """What the access log and metrics need to know about the exchange."""
@@ -253,8 +262,8 @@ class Forwarder:
             # Headers are gone already: the only honest signal left is a cut connection.
             if request.transport is not None:
                 request.transport.abort()
-            if client_error() is not None:
-                raise ConnectionResetError("the client's body ended mid-exchange") from exc
+            if (cause := client_error()) is not None:
+                raise BodyFailedMidResponse(cause) from exc
             self._metrics.backend_errors.labels(kind="response_aborted").inc()
             raise ResponseAborted("backend dropped the response mid-body") from exc
 

@@ -22,7 +22,7 @@ from gateway.client_ip import client_address
 from gateway.config.model import Config
 from gateway.cors import add_cors_headers, is_preflight, preflight_response
 from gateway.errors import GatewayError, problem_response
-from gateway.forward import ForwardResult, ResponseAborted
+from gateway.forward import BodyFailedMidResponse, ForwardResult, ResponseAborted
 from gateway.headers import end_to_end, forwarded_for, request_id
 from gateway.inspect.precheck import precheck_upload
 from gateway.inspect.upload import inspect_upload
@@ -294,10 +294,12 @@ def _refuse(
 
 def _connection_end(request: web.Request, gone: ConnectionError) -> tuple[int, str]:
     """Who ended an exchange whose connection went: the backend (502), the gateway because the
-    client read nothing for ``server.send_timeout`` (408, as for a stalled body), the client
-    (499, nginx's "client closed request")."""
+    client sent (``server.body_timeout``) or read (``send_timeout``) nothing for too long (408),
+    the client (499, nginx's "client closed request")."""
     if isinstance(gone, ResponseAborted):
         return 502, "backend_aborted"
+    if isinstance(gone, BodyFailedMidResponse) and isinstance(gone.cause, GatewayError):
+        return gone.cause.status, gone.cause.code  # its body stalled: 408 body_timeout
     if getattr(request.protocol, "send_timed_out", False):
         return 408, "send_timeout"
     return 499, "client_closed"

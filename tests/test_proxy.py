@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from tests.support.faults import gauge, wait_until
 from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
 from tests.support.procs import RedisServer, free_port
 from tests.support.rawhttp import request as raw_request
@@ -281,3 +285,32 @@ async def test_one_clients_cookies_never_reach_the_backend_on_anothers_request(
         gw.stop()
     cookies_seen = [seen_headers(rec).get("cookie") for rec in backend.records()]
     assert cookies_seen == [None, None]
+
+
+def test_a_client_stalling_its_body_after_the_backend_answered_is_cut_as_a_body_timeout(
+    gateway: GatewayProc, secret: str
+) -> None:
+    """A pass-through client that stops sending its body while the backend is already
+    streaming the answer (an echo, a progress stream): the exchange is cut after
+    ``server.body_timeout`` (3 s here) and logged as the client's 408 ``body_timeout``, not as
+    a backend failure (502 ``backend_aborted``, counted in ``backend_errors_total``, which an
+    operator alerts on)."""
+    errors = gauge(gateway.admin_port, "upload_gateway_backend_errors_total")
+    rid = "stalls-after-the-answer"
+    head = (
+        "POST /t/echo HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {secret}\r\nX-Request-Id: {rid}\r\n"
+        "Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+        sock.sendall(head + b"5\r\nfirst\r\n")
+        assert sock.recv(12) == b"HTTP/1.1 200"  # the backend is answering; now: nothing
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+        assert time.monotonic() - started < 15  # cut by the 3 s body timeout, not never
+    assert wait_until(lambda: rid in gateway.log(), timeout=10)
+    (line,) = [json.loads(x) for x in gateway.log().splitlines() if f'"{rid}"' in x]
+    assert (line["status"], line["reason"]) == (408, "body_timeout")
+    assert gauge(gateway.admin_port, "upload_gateway_backend_errors_total") == errors
