@@ -11,7 +11,7 @@ refusals), or, past ``server.max_connections``, with a connection that is closed
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -59,8 +59,9 @@ class GatewayServer(web.Server):
         self._kwargs.update(settings)
 
     async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
-        connection = request.protocol
-        options = connection.options if isinstance(connection, GatewayProtocol) else self._options
+        # The connection's own settings (a reload changes only new connections'); every
+        # connection that gets as far as a request was made by __call__, so it is ours.
+        options = cast(GatewayProtocol, request.protocol).options
         try:
             check_framing(request)
             if head_size(request) > options.max_head_size:

@@ -39,9 +39,10 @@ class ServerTls:
     """The listener's context (:attr:`listener`) and the certificate it hands handshakes to."""
 
     def __init__(self, config: Config) -> None:
-        listener, current = tls_context(config), tls_context(config)
-        assert listener is not None and current is not None, "no server.tls_cert_file"
-        self.listener, self._current = listener, current
+        listener = tls_context(config)
+        assert listener is not None, "no server.tls_cert_file"
+        # Until a reload loads another pair, handshakes stay on the listener's own context.
+        self.listener = self._current = listener
         listener.sni_callback = self._choose
 
     def _choose(self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
