@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.support.gateway_proc import (
     base_config,
     cli,
     start_gateway,
+    write_atomically,
 )
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import request as raw_request
@@ -302,13 +302,8 @@ def _es256(api_key: str, kid: str, private_file: Path) -> str:
     return jwt.encode(payload, private, algorithm="ES256", headers={"kid": kid})
 
 
-def _config_generation(gw: GatewayProc) -> int:
-    with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as reply:
-        return int(json.loads(reply.read())["checks"]["config_generation"])
-
-
 def _reloaded(gw: GatewayProc, before: int) -> None:
-    assert wait_until(lambda: _config_generation(gw) > before, timeout=15), "no reload"
+    assert wait_until(lambda: gw.config_generation() > before, timeout=15), "no reload"
 
 
 async def test_a_reload_replaces_the_signing_keys_at_once(
@@ -333,10 +328,8 @@ async def test_a_reload_replaces_the_signing_keys_at_once(
         assert (await get(gw.url, fresh))[0] == 401
         del config["auth"]["keys"]["ec-old"]
         config["auth"]["keys"]["ec-new"] = {"public_key_file": str(tmp_path / "new.pem")}
-        generation = _config_generation(gw)
-        edited = gw.config_path.with_suffix(".new")
-        edited.write_text(yaml.safe_dump(config, sort_keys=False))
-        edited.replace(gw.config_path)  # the file poller sees it
+        generation = gw.config_generation()
+        write_atomically(gw.config_path, yaml.safe_dump(config, sort_keys=False))  # polled
         _reloaded(gw, generation)
         status, doc, _ = await get(gw.url, leaked)
         assert (status, doc.get("code")) == (401, "invalid_secret")
@@ -344,7 +337,7 @@ async def test_a_reload_replaces_the_signing_keys_at_once(
         assert (await get(gw.url, fresh))[0] == 200
         assert "after a restart" not in gw.log()  # nothing left waiting for one
 
-        generation = _config_generation(gw)
+        generation = gw.config_generation()
         replaced_private = _ec_key_files(tmp_path, "new", ec.SECP256R1())  # over new.pem
         replaced = _es256(api_key, "ec-new", replaced_private)
         _reloaded(gw, generation)  # the key file is watched too, as a mounted Secret renews it

@@ -12,7 +12,6 @@ import asyncio
 import copy
 import json
 import logging
-import os
 import re
 import signal
 import socket
@@ -47,6 +46,7 @@ from tests.support.gateway_proc import (
     base_config,
     start_backend,
     start_gateway,
+    write_atomically,
 )
 from tests.support.procs import RedisServer
 from tests.support.rawhttp import parse_response
@@ -106,18 +106,6 @@ def with_agents(base: dict[str, Any], **agents: Any) -> dict[str, Any]:
     config = copy.deepcopy(base)
     config["channels"]["default"]["agents"].update(agents)
     return config
-
-
-def write_atomically(path: Path, text: str, keep_stat: bool = False) -> None:
-    """Replace ``path``; with ``keep_stat`` the new file also keeps the old mtime (same size
-    is the caller's job), so only SIGHUP can make the gateway notice."""
-    before = os.stat(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    if keep_stat:
-        assert len(text.encode()) == before.st_size, "keep_stat needs a same-size file"
-        os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
-    os.replace(tmp, path)
 
 
 def wait_for(predicate: Any, timeout: float = 15.0) -> None:
@@ -411,9 +399,7 @@ def test_a_reload_applies_a_new_log_level(
         )
         write_atomically(gw.config_path, dump({**quiet, "log_level": "INFO"}))
         gw.signal(signal.SIGHUP)
-        wait_for(
-            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
-        )
+        wait_for(lambda: gw.config_generation() == 1)
         assert send(gw.port, "GET", "/inbox", headers={"X-Request-Id": "level-after"}).status == 401
         wait_for(lambda: "level-after" in gw.log())
     finally:
@@ -440,9 +426,7 @@ def test_a_reload_sends_new_exchanges_to_a_new_backend_and_lets_running_ones_fin
         moved = copy.deepcopy(base)
         moved["backend"]["url"] = new.url
         write_atomically(gw.config_path, dump(moved))
-        wait_for(
-            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
-        )
+        wait_for(lambda: gw.config_generation() == 1)
         assert send(gw.port, "GET", "/t/status/204", headers=bearer(secret)).status == 204
         assert [r["path"] for r in new.records()] == ["/t/status/204"]
         streaming.sendall(b"4\r\nlast\r\n0\r\n\r\n")
@@ -488,9 +472,7 @@ def test_a_client_vanishing_after_the_backend_answered_ends_its_exchange_and_its
         moved = copy.deepcopy(base)
         moved["backend"]["url"] = new.url
         write_atomically(gw.config_path, dump(moved))
-        wait_for(
-            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
-        )
+        wait_for(lambda: gw.config_generation() == 1)
         for sock in streams:
             vanish(sock)
         assert wait_until(lambda: established_to(old.port) == 0, timeout=10), "exchange hangs"
@@ -525,9 +507,7 @@ def test_a_reload_resizes_the_spool_budget(
         roomier = copy.deepcopy(base)
         roomier["spool"]["max_bytes"] = "64MiB"
         write_atomically(gw.config_path, dump(roomier))
-        wait_for(
-            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
-        )
+        wait_for(lambda: gw.config_generation() == 1)
         assert post().status == 200
         assert [r["path"] for r in backend.records()] == ["/streams/301/objects"]
         assert "after a restart" not in gw.log()
@@ -553,9 +533,7 @@ def test_a_reload_retunes_the_listener_for_the_connections_it_accepts_next(
         tight = copy.deepcopy(base)
         tight["server"].update(max_head_size="4KiB", header_timeout="1s")
         write_atomically(gw.config_path, dump(tight))
-        wait_for(
-            lambda: send(gw.admin_port, "GET", "/readyz").json()["checks"]["config_generation"] == 1
-        )
+        wait_for(lambda: gw.config_generation() == 1)
         refused = raw_request(gw.port, head)
         assert refused.status == 431
         assert refused.header("Content-Type") == "application/problem+json"

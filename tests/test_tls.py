@@ -12,16 +12,14 @@ import contextlib
 import datetime
 import ipaddress
 import json
-import os
 import signal
 import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -32,7 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support.faults import wait_until
-from tests.support.gateway_proc import BackendProc, GatewayProc, base_config, start_gateway
+from tests.support.gateway_proc import (
+    BackendProc,
+    GatewayProc,
+    base_config,
+    start_gateway,
+    write_atomically,
+)
 from tests.support.procs import RedisServer, free_port
 from tests.support.rawhttp import parse_response
 
@@ -314,83 +318,69 @@ async def _https_backend(pki: Pki) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-@pytest.mark.parametrize(("trusted", "status"), [(True, 200), (False, 502)])
-async def test_backend_tls_is_verified_against_the_configured_ca(
+GatewayTo = Callable[[Path], Awaitable[GatewayProc]]
+
+
+@pytest.fixture
+async def gateway_to_https_backend(
     pki: Pki,
     redis_server: RedisServer,
     spool_dir: Path,
-    gateway: GatewayProc,
-    secret: str,
+    gateway: GatewayProc,  # the shared one created the API key; both use the same Redis
     tmp_path: Path,
-    trusted: bool,
-    status: int,
-) -> None:
-    runner, port = await _https_backend(pki)
-    config = base_config(redis_server.url, f"https://127.0.0.1:{port}", spool_dir)
-    config["backend"]["ca_file"] = str(pki.ca if trusted else pki.other_ca)
-    gw = await asyncio.to_thread(start_gateway, config, tmp_path)  # keep the backend serving
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(
-                gw.url + "/hello", headers={"Authorization": f"Bearer {secret}"}
-            ) as response,
-        ):
-            body = await response.read()
-        assert response.status == status, body
-        if trusted:
-            assert body == b"tls backend saw /hello"
-        else:
-            assert json.loads(body)["code"] == "backend_unavailable"
-    finally:
+) -> AsyncIterator[GatewayTo]:
+    """Starts a gateway whose backend speaks TLS with ``pki``'s certificate, verified against
+    the CA bundle given; both are stopped after the test."""
+    started: list[tuple[GatewayProc, web.AppRunner]] = []
+
+    async def start(ca_file: Path) -> GatewayProc:
+        runner, port = await _https_backend(pki)
+        config = base_config(redis_server.url, f"https://127.0.0.1:{port}", spool_dir)
+        config["backend"]["ca_file"] = str(ca_file)
+        gw = await asyncio.to_thread(start_gateway, config, tmp_path)  # the backend serves on
+        started.append((gw, runner))
+        return gw
+
+    yield start
+    for gw, runner in started:
         await asyncio.to_thread(gw.stop)
         await runner.cleanup()
 
 
+async def _get(gw: GatewayProc, secret: str, path: str) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession() as session, session.get(gw.url + path, headers=headers) as r:
+        return r.status, await r.read()
+
+
+@pytest.mark.parametrize(("trusted", "status"), [(True, 200), (False, 502)])
+async def test_backend_tls_is_verified_against_the_configured_ca(
+    pki: Pki, gateway_to_https_backend: GatewayTo, secret: str, trusted: bool, status: int
+) -> None:
+    gw = await gateway_to_https_backend(pki.ca if trusted else pki.other_ca)
+    got, body = await _get(gw, secret, "/hello")
+    assert got == status, body
+    if trusted:
+        assert body == b"tls backend saw /hello"
+    else:
+        assert json.loads(body)["code"] == "backend_unavailable"
+
+
 async def test_a_renewed_backend_ca_bundle_is_read_again_under_the_same_path(
-    pki: Pki,
-    redis_server: RedisServer,
-    spool_dir: Path,
-    gateway: GatewayProc,
-    secret: str,
-    tmp_path: Path,
+    pki: Pki, gateway_to_https_backend: GatewayTo, secret: str, tmp_path: Path
 ) -> None:
     """A backend whose certificate moved to a new CA, with the bundle renewed in place (a
     mounted trust bundle keeps its path): the pool was rebuilt only when the backend settings
     changed, so the gateway kept refusing the backend (502) until every replica restarted."""
-    runner, port = await _https_backend(pki)
     bundle = tmp_path / "backend-ca.pem"
     bundle.write_bytes(pki.other_ca.read_bytes())
-    config = base_config(redis_server.url, f"https://127.0.0.1:{port}", spool_dir)
-    config["backend"]["ca_file"] = str(bundle)
-    gw = await asyncio.to_thread(start_gateway, config, tmp_path)
-
-    async def status() -> int:
-        headers = {"Authorization": f"Bearer {secret}"}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(gw.url + "/hi", headers=headers) as reply,
-        ):
-            await reply.read()
-            return reply.status
-
-    try:
-        assert await status() == 502  # signed by a CA the bundle does not hold
-        _replace(bundle, pki.ca.read_bytes())
-        deadline = asyncio.get_running_loop().time() + 15
-        while await status() != 200:
-            assert asyncio.get_running_loop().time() < deadline, "the bundle was not read again"
-            await asyncio.sleep(0.2)
-    finally:
-        await asyncio.to_thread(gw.stop)
-        await runner.cleanup()
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """As a certificate renewal writes it: a new file renamed over the old one."""
-    fresh = path.with_suffix(".new")
-    fresh.write_bytes(data)
-    os.replace(fresh, path)
+    gw = await gateway_to_https_backend(bundle)
+    assert (await _get(gw, secret, "/hi"))[0] == 502  # signed by a CA the bundle lacks
+    write_atomically(bundle, pki.ca.read_bytes())
+    deadline = asyncio.get_running_loop().time() + 15
+    while (await _get(gw, secret, "/hi"))[0] != 200:
+        assert asyncio.get_running_loop().time() < deadline, "the bundle was not read again"
+        await asyncio.sleep(0.2)
 
 
 def _served(port: int, context: ssl.SSLContext, name: str | None = "localhost") -> bytes:
@@ -402,15 +392,6 @@ def _served(port: int, context: ssl.SSLContext, name: str | None = "localhost") 
         served = tls.getpeercert(binary_form=True)
         assert served is not None
         return served
-
-
-def _readyz(gw: GatewayProc) -> dict[str, Any]:
-    with socket.create_connection(("127.0.0.1", gw.admin_port), timeout=5) as sock:
-        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return dict(json.loads(parse_response(data).body)["checks"])
 
 
 def _unauthorized_on(tls: ssl.SSLSocket) -> bool:
@@ -447,11 +428,11 @@ def test_a_reload_serves_a_renewed_certificate_without_a_restart(
         ):
             assert _unauthorized_on(kept)
             renewed, renewed_key = _leaf(ca, ca_key)
-            generation = _readyz(gw)["config_generation"]
-            _replace(key_file, _key_pem(renewed_key))
-            _replace(cert_file, _pem(renewed))  # the files are watched: no SIGHUP needed
+            generation = gw.readyz_checks()["config_generation"]
+            write_atomically(key_file, _key_pem(renewed_key))
+            write_atomically(cert_file, _pem(renewed))  # the files are watched: no SIGHUP needed
             assert wait_until(lambda: _served(gw.port, client) == renewed.public_bytes(der), 15)
-            assert _readyz(gw)["config_generation"] > generation
+            assert gw.readyz_checks()["config_generation"] > generation
             assert _served(gw.port, client) == renewed.public_bytes(der)
             assert _unauthorized_on(kept)  # made under the old certificate, still served
         for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
@@ -462,13 +443,13 @@ def test_a_reload_serves_a_renewed_certificate_without_a_restart(
         without_sni.check_hostname = False  # no name to check: the handshake sends none
         assert _served(gw.port, without_sni, None) == renewed.public_bytes(der)
 
-        generation = _readyz(gw)["config_generation"]
+        generation = gw.readyz_checks()["config_generation"]
         mismatched, _ = _leaf(ca, ca_key)  # its key is not the one in key_file
-        _replace(cert_file, _pem(mismatched))
+        write_atomically(cert_file, _pem(mismatched))
         gw.signal(signal.SIGHUP)
-        assert wait_until(lambda: _readyz(gw)["config_error"] is not None, 15)
-        assert "server.tls_cert_file" in str(_readyz(gw)["config_error"])
-        assert _readyz(gw)["config_generation"] == generation
+        assert wait_until(lambda: gw.readyz_checks()["config_error"] is not None, 15)
+        assert "server.tls_cert_file" in str(gw.readyz_checks()["config_error"])
+        assert gw.readyz_checks()["config_generation"] == generation
         assert _served(gw.port, client) == renewed.public_bytes(der)
         assert gw.proc.poll() is None
     finally:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,19 @@ class GatewayProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def readyz_checks(self) -> dict[str, Any]:
+        """``/readyz``'s checks, ready or not (a 503 carries them too)."""
+        try:
+            with urllib.request.urlopen(f"{self.admin_url}/readyz", timeout=5) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as not_ready:
+            body = not_ready.read()
+        return dict(json.loads(body)["checks"])
+
+    def config_generation(self) -> int:
+        """How many reloads this worker applied (a failed one does not count)."""
+        return int(self.readyz_checks()["config_generation"])
+
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
@@ -213,6 +227,20 @@ def cli(config_path: Path, *args: str, check: bool = True) -> subprocess.Complet
         check=check,
         timeout=60,
     )
+
+
+def write_atomically(path: Path, data: str | bytes, keep_stat: bool = False) -> None:
+    """Replace ``path`` as a deploy tool or a certificate renewal does: a new file renamed over
+    it, so the gateway's watcher never sees half a file. With ``keep_stat`` the new file also
+    keeps the old mtime (same size is the caller's job), so only SIGHUP can make it notice."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(raw)
+    if keep_stat:
+        before = os.stat(path)
+        assert len(raw) == before.st_size, "keep_stat needs a same-size file"
+        os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(tmp, path)
 
 
 def spool_files(spool_dir: Path) -> list[str]:
